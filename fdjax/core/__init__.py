@@ -1,0 +1,21 @@
+"""The pure core of fdjax: models, local training, evaluation, distillation and aggregation.
+
+Every function here is pure and un-jitted; ``fdjax.runtime.compiled`` jits them once per node.
+"""
+
+from fdjax.core.aggregation import (StreamingAverage, check_weights, fedavg, mix, stack_trees,
+                                    staleness_mix, staleness_weight, streaming_add,
+                                    streaming_init, streaming_result, validate_update)
+from fdjax.core.distillation import distill_step, distillation_loss, kl_divergence
+from fdjax.core.evaluation import evaluate
+from fdjax.core.models import CNN, PRESETS, Model, count_params, make_model
+from fdjax.core.training import (OptimizerSettings, TrainState, init_train_state, make_optimizer,
+                                 summarize, train_step)
+
+__all__ = [
+    "CNN", "PRESETS", "Model", "OptimizerSettings", "StreamingAverage", "TrainState",
+    "check_weights", "count_params", "distill_step", "distillation_loss", "evaluate", "fedavg",
+    "init_train_state", "kl_divergence", "make_model", "make_optimizer", "mix", "stack_trees",
+    "staleness_mix", "staleness_weight", "streaming_add", "streaming_init", "streaming_result",
+    "summarize", "train_step", "validate_update",
+]

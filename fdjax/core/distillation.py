@@ -1,0 +1,103 @@
+"""Knowledge distillation between two models of the CNN family.
+
+One loss and one step serve both directions of the paper: forward distillation (the large global
+model teaches the small distilled model) and reverse distillation (the averaged small model teaches
+the large global model). Which model is teacher is only a matter of which ``apply_fn`` and
+parameters are passed.
+
+The loss is Hinton et al.'s temperature-scaled KL divergence, ``T^2 * KL(softmax(t/T) ||
+softmax(s/T))``; the ``T^2`` keeps gradient magnitudes comparable across temperatures. Where the
+distillation set keeps its labels, ``label_weight`` mixes in cross-entropy (as FedGKT does):
+``(1 - label_weight) * KD + label_weight * CE``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fdjax.core.training import ApplyFn, Metrics, TrainState, sample_plan, scan_steps
+
+
+def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
+                  temperature: float) -> jax.Array:
+    """Per-example ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``; shape ``[batch]``."""
+    t = jnp.asarray(temperature, jnp.float32)
+    teacher_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+    student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
+    # KL is non-negative; clip the tiny negative values float rounding can produce.
+    return t * t * jnp.maximum(kl, 0.0)
+
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,
+                      mask: jax.Array | None = None, labels: jax.Array | None = None,
+                      label_weight: float = 0.0) -> jax.Array:
+    """Masked mean distillation loss, optionally mixed with cross-entropy on ``labels``.
+
+    Args:
+        student_logits: ``[batch, classes]``.
+        teacher_logits: ``[batch, classes]``; treated as a constant (no gradient flows to it).
+        temperature: softening temperature ``T > 0``.
+        mask: ``[batch]`` weights of real examples (padding 0); all ones when omitted.
+        labels: integer labels, where the distillation set keeps them.
+        label_weight: weight of cross-entropy in ``[0, 1]``; ignored without labels.
+    """
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    per_example = kl_divergence(student_logits, teacher_logits, temperature)
+    if labels is not None and label_weight:
+        ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
+        per_example = (1.0 - label_weight) * per_example + label_weight * ce
+    if mask is None:
+        mask = jnp.ones(per_example.shape, jnp.float32)
+    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def distill_step(state: TrainState, teacher_params: Any, batch: dict[str, jax.Array],
+                 key: jax.Array, *, student_apply: ApplyFn, teacher_apply: ApplyFn,
+                 optimizer: optax.GradientTransformation, temperature: float,
+                 label_weight: float = 0.0) -> tuple[TrainState, Metrics]:
+    """One optimizer step of the student towards the teacher on ``batch``.
+
+    Returns the new student state and summed metrics: ``loss_sum`` (distillation loss),
+    ``agree`` (examples where student and teacher predict the same class) and ``count``.
+    """
+    del key
+    teacher_logits = teacher_apply(teacher_params, batch["images"])
+    labels = batch.get("labels") if label_weight else None
+    mask = batch["mask"]
+
+    def loss_fn(params):
+        student_logits = student_apply(params, batch["images"])
+        loss = distillation_loss(student_logits, teacher_logits, temperature, mask, labels,
+                                 label_weight)
+        return loss, student_logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    count = jnp.sum(mask)
+    agree = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)) * mask)
+    metrics = {"loss_sum": loss * count, "agree": agree.astype(jnp.float32), "count": count}
+    return TrainState(optax.apply_updates(state.params, updates), opt_state), metrics
+
+
+def distill_plan(key: jax.Array, num_examples: int, batch_size: int, steps: int):
+    """The batches of one distillation chunk (see ``fdjax.core.training.sample_plan``)."""
+    return sample_plan(key, num_examples, batch_size, steps)
+
+
+def scan_distill_chunk(state: TrainState, teacher_params: Any, data: dict[str, jax.Array],
+                       key: jax.Array, *, steps: int, batch_size: int, **step_settings
+                       ) -> tuple[TrainState, Metrics]:
+    """A chunk of ``steps`` distillation steps as one ``lax.scan``.
+
+    ``step_settings`` are ``distill_step``'s keyword arguments (apply functions, optimizer,
+    temperature, label weight).
+    """
+    plan_key, step_key = jax.random.split(key)
+    plan = distill_plan(plan_key, data["images"].shape[0], batch_size, steps)
+    step = lambda s, t, b, k: distill_step(s, t, b, k, **step_settings)
+    return scan_steps(step, state, data, plan, step_key, teacher_params)

@@ -1,0 +1,176 @@
+"""The CNN family of fdjax and the paper's two presets.
+
+The paper names its models only by depth: a 12-layer CNN as the global model held by the
+distillation server, and a 6-layer CNN as the distilled model the clients train. fdjax fixes them
+as VGG-style stacks of 3x3 convolutions, so the pair differs by depth and width alone and
+knowledge distillation moves between two models of the same family.
+
+``cnn6`` (the distilled, client-side model), at width 1.0, 32x32x3 input::
+
+    1  conv 3x3, 32 channels, ReLU
+    2  conv 3x3, 32 channels, ReLU      -> max-pool 2x2
+    3  conv 3x3, 64 channels, ReLU
+    4  conv 3x3, 64 channels, ReLU      -> max-pool 2x2
+       flatten
+    5  dense 256, ReLU
+    6  dense num_classes (logits)
+
+``cnn12`` (the global, server-side model), at width 1.0::
+
+    1  conv 3x3, 32 channels, ReLU
+    2  conv 3x3, 32 channels, ReLU      -> max-pool 2x2
+    3  conv 3x3, 64 channels, ReLU
+    4  conv 3x3, 64 channels, ReLU      -> max-pool 2x2
+    5  conv 3x3, 128 channels, ReLU
+    6  conv 3x3, 128 channels, ReLU
+    7  conv 3x3, 128 channels, ReLU     -> max-pool 2x2
+    8  conv 3x3, 256 channels, ReLU
+    9  conv 3x3, 256 channels, ReLU
+    10 conv 3x3, 256 channels, ReLU     -> max-pool 2x2
+       flatten
+    11 dense 256, ReLU
+    12 dense num_classes (logits)
+
+A width multiplier scales every convolution's channels and the hidden dense layer (never the
+logits); channel counts are rounded and kept at least 1. A pooling step is skipped once the feature
+map is 1 pixel wide, so any input from 8x8 up works (an 8x8 input reaches 1x1 after three pools).
+Convolutions use He-normal initialisation, which keeps a 12-layer ReLU stack trainable without
+normalisation. ``norm="group"`` or ``"layer"`` adds a stateless normalisation after each convolution:
+stateless so FedAvg needs no running statistics. Images arrive as uint8 and are scaled to [0, 1]
+and centred inside the model, so every data source feeds the same pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+#: Convolution stages (channels per conv, one tuple per pooling stage) and hidden dense widths.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cnn6": {"stages": ((32, 32), (64, 64)), "hidden": (256,)},
+    "cnn12": {"stages": ((32, 32), (64, 64), (128, 128, 128), (256, 256, 256)), "hidden": (256,)},
+}
+
+NORMS = ("none", "group", "layer")
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class CNN(nn.Module):
+    """A VGG-style CNN: stages of 3x3 conv + ReLU, each followed by 2x2 max-pooling.
+
+    Attributes:
+        stages: channels of each convolution, grouped by pooling stage.
+        hidden: widths of the hidden dense layers before the logits.
+        num_classes: number of output logits.
+        norm: "none", "group" (GroupNorm, up to 8 groups) or "layer" after each convolution.
+        dtype: computation dtype (parameters stay float32).
+    """
+
+    stages: Sequence[Sequence[int]]
+    hidden: Sequence[int]
+    num_classes: int
+    norm: str = "none"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            x = x.astype(self.dtype) / 255.0
+        x = (x.astype(self.dtype) - 0.5) / 0.25
+        for stage in self.stages:
+            for channels in stage:
+                x = nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype,
+                            kernel_init=nn.initializers.he_normal())(x)
+                if self.norm == "group":
+                    x = nn.GroupNorm(num_groups=_groups(channels), dtype=self.dtype)(x)
+                elif self.norm == "layer":
+                    x = nn.LayerNorm(dtype=self.dtype)(x)
+                x = nn.relu(x)
+            if x.shape[-2] >= 2 and x.shape[-3] >= 2:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[:-3] + (-1,))
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width, dtype=self.dtype,
+                                 kernel_init=nn.initializers.he_normal())(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def _groups(channels: int) -> int:
+    for groups in (8, 4, 2):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model as the core sees it: an ``apply_fn(params, images) -> logits`` and an ``init``.
+
+    Attributes:
+        name: preset name, e.g. ``"cnn6"``.
+        module: the Flax module.
+        input_shape: one example's shape, (height, width, channels).
+        num_classes: number of logits.
+    """
+
+    name: str
+    module: CNN
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+    @property
+    def apply_fn(self) -> Callable[[Any, jax.Array], jax.Array]:
+        return self.module.apply
+
+    def init(self, key: jax.Array) -> Any:
+        """Fresh parameters for this model, from ``key``."""
+        dummy = jnp.zeros((1,) + self.input_shape, jnp.uint8)
+        return self.module.init(key, dummy)
+
+
+def make_model(preset: str, *, input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
+               width: float = 1.0, norm: str = "none", dtype: Any = jnp.float32) -> Model:
+    """Builds a preset of the CNN family.
+
+    Args:
+        preset: ``"cnn6"`` (distilled model) or ``"cnn12"`` (global model).
+        input_shape: (height, width, channels) of one image; height and width at least 8.
+        num_classes: number of classes, at least 2.
+        width: multiplier of every conv's channels and of the hidden dense layer; > 0.
+        norm: "none", "group" or "layer".
+        dtype: computation dtype.
+
+    Raises:
+        ValueError: for an unknown preset or norm, or an input, class count or width out of range.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or shape[0] < 8 or shape[1] < 8 or shape[2] < 1:
+        raise ValueError(f"input_shape must be (height, width, channels) with height and width >= 8 "
+                         f"and channels >= 1, got {tuple(input_shape)}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if not width > 0:
+        raise ValueError(f"width multiplier must be > 0, got {width}")
+    spec = PRESETS[preset]
+    module = CNN(
+        stages=tuple(tuple(_scaled(c, width) for c in stage) for stage in spec["stages"]),
+        hidden=tuple(_scaled(h, width) for h in spec["hidden"]),
+        num_classes=int(num_classes), norm=norm, dtype=dtype)
+    return Model(preset, module, shape, int(num_classes))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

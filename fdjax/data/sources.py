@@ -1,0 +1,274 @@
+"""Dataset sources, all returning numpy arrays in one contract.
+
+Every source returns an ``ArrayDataset``: ``images`` uint8 ``[N, H, W, C]``, ``labels`` int32 ``[N]``
+(or ``None`` for an unlabeled set) and ``num_classes``. Sources:
+
+* ``"embedded"``: scikit-learn's handwritten digits (1,797 images, 8x8x1, 10 classes), shipped
+  inside the installed scikit-learn package. It is the offline default: it needs no network and
+  no prepared data, so ``fdjax`` runs on a fresh machine.
+* ``"tfds"``: any image-classification dataset prepared for TensorFlow Datasets, read through
+  the TensorFlow-free ``tfds.data_source`` (array_record format). Nothing is downloaded unless
+  ``download=True``.
+* ``"folder"``: ``root/<split>/<class name>/*.png|jpg|jpeg``; classes are the sorted folder names.
+* ``"synthetic"``: class-dependent random patterns, learnable, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+SOURCES = ("embedded", "tfds", "folder", "synthetic")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """A dataset cannot be found, read or used as asked; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+    """Images and labels held as numpy arrays.
+
+    Attributes:
+        images: uint8 ``[N, H, W, C]``.
+        labels: int32 ``[N]`` class ids, or ``None`` where labels were dropped.
+        num_classes: number of classes of the task (not only those present).
+        name: where the data came from, for messages and reports.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    num_classes: int
+    name: str = "dataset"
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise DataError(f"{self.name}: images must be uint8 [N, H, W, C], got "
+                            f"{self.images.dtype} {self.images.shape}")
+        if self.labels is not None:
+            if self.labels.shape != (self.images.shape[0],):
+                raise DataError(f"{self.name}: {self.labels.shape[0]} labels for "
+                                f"{self.images.shape[0]} images")
+            if self.labels.size and (self.labels.min() < 0
+                                     or self.labels.max() >= self.num_classes):
+                raise DataError(f"{self.name}: labels must lie in [0, {self.num_classes})")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, index: Sequence[int] | np.ndarray, keep_labels: bool = True,
+               name: str | None = None) -> "ArrayDataset":
+        """The examples at ``index``, labels kept or dropped."""
+        index = np.asarray(index, dtype=np.int64)
+        labels = self.labels[index] if (keep_labels and self.labels is not None) else None
+        return ArrayDataset(self.images[index], labels, self.num_classes, name or self.name)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{"images": ..., "labels": ...}`` (labels only where kept)."""
+        out = {"images": self.images}
+        if self.labels is not None:
+            out["labels"] = self.labels
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A dataset's train and test splits."""
+
+    train: ArrayDataset
+    test: ArrayDataset
+
+
+def load_embedded(test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """scikit-learn's digits as 8x8x1 uint8 images, split train/test deterministically."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn is a dependency
+        raise DataError("the embedded dataset needs scikit-learn: pip install scikit-learn") from err
+    digits = load_digits()
+    images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(len(labels) * test_fraction))
+    full = ArrayDataset(images, labels, 10, "digits")
+    return Splits(full.subset(order[n_test:], name="digits/train"),
+                  full.subset(order[:n_test], name="digits/test"))
+
+
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+    where = f" --data_dir {data_dir}" if data_dir else ""
+    return (f"prepare it with `tfds build {name} --file_format=array_record{where}` on a machine "
+            f"with internet, pass data_dir= pointing at a prepared TFDS data directory, or pass "
+            f"download=True")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tfds(name: str, split: str, data_dir: str | None, download: bool
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:  # pragma: no cover - a dependency
+        raise DataError("the tfds source needs tensorflow-datasets: pip install "
+                        "tensorflow-datasets") from err
+    try:
+        tfds.builder_cls(name.split(":")[0])
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise DataError(f"unknown tfds dataset {name!r}; see the TFDS catalog for names") from err
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"tfds data_dir {data_dir!r} does not exist; " + _prepare_hint(name, data_dir))
+    if not download:
+        root = Path(data_dir) if data_dir else Path(os.path.expanduser("~/tensorflow_datasets"))
+        if not any(root.glob(f"{name.split(':')[0]}/*/dataset_info.json")) and \
+                not any(root.glob(f"{name.split(':')[0]}/*/*/dataset_info.json")):
+            raise DataError(f"tfds dataset {name!r} is not prepared under {str(root)!r}; "
+                            + _prepare_hint(name, data_dir))
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    except Exception as err:
+        raise DataError(f"cannot read tfds dataset {name!r} split {split!r} from "
+                        f"{data_dir!r}: {str(err).splitlines()[0]}; "
+                        + _prepare_hint(name, data_dir)) from err
+    features = source.dataset_info.features
+    if "image" not in features or "label" not in features:
+        raise DataError(f"tfds dataset {name!r} has no 'image' and 'label' features")
+    num_classes = int(features["label"].num_classes)
+    records = source.__getitems__(list(range(len(source))))
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+    labels = np.asarray([r["label"] for r in records], np.int32)
+    if images.ndim == 3:
+        images = images[..., None]
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels, num_classes
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None, download: bool = False,
+              limit: int | None = None) -> ArrayDataset:
+    """Reads a tfds image-classification split into memory (cached per process).
+
+    Args:
+        name: tfds dataset name, e.g. ``"cifar10"``.
+        split: ``"train"``, ``"test"``, ...
+        data_dir: the TFDS data directory (default ``~/tensorflow_datasets``).
+        download: let tfds download and prepare the data if it is missing.
+        limit: keep only the first ``limit`` examples.
+
+    Raises:
+        DataError: unknown dataset, missing data directory or unprepared dataset, with the fix.
+    """
+    images, labels, num_classes = _read_tfds(name, split, data_dir, bool(download))
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return ArrayDataset(images, labels, num_classes, f"{name}/{split}")
+
+
+def load_image_folder(root: str | os.PathLike, split: str,
+                      classes: Sequence[str] | None = None) -> ArrayDataset:
+    """Reads ``root/<split>/<class>/*.png|jpg|jpeg``; every image must have the same size.
+
+    Images are converted to RGB unless every one is single-channel ("L").
+    ``classes`` fixes the class order (default: sorted folder names of this split), so train and
+    test splits can share it.
+    """
+    from PIL import Image
+
+    base = Path(root) / split
+    if not base.is_dir():
+        raise DataError(f"image folder {str(base)!r} does not exist; expected "
+                        f"<root>/<split>/<class>/*.png")
+    names = list(classes) if classes is not None else sorted(
+        p.name for p in base.iterdir() if p.is_dir())
+    if len(names) < 2:
+        raise DataError(f"image folder {str(base)!r} needs at least 2 class folders, found "
+                        f"{len(names)}")
+    files = [(f, label) for label, cls in enumerate(names) for f in sorted((base / cls).glob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"no .png/.jpg images under {str(base)!r}")
+    opened = [Image.open(f) for f, _ in files]
+    mode = "L" if all(im.mode == "L" for im in opened) else "RGB"
+    arrays = []
+    for (path, _), im in zip(files, opened):
+        arr = np.asarray(im.convert(mode), np.uint8)
+        if arrays and arr.shape[:2] != arrays[0].shape[:2]:
+            raise DataError(f"{path} is {arr.shape[1]}x{arr.shape[0]} but the first image is "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; resize them to one size")
+        arrays.append(arr)
+    images = np.stack(arrays)
+    if images.ndim == 3:
+        images = images[..., None]
+    labels = np.asarray([label for _, label in files], np.int32)
+    return ArrayDataset(images, labels, len(names), f"{Path(root).name}/{split}")
+
+
+def load_synthetic(num_examples: int, image_shape: Sequence[int] = (16, 16, 3),
+                   num_classes: int = 10, seed: int = 0, split: int = 0,
+                   noise: float = 40.0) -> ArrayDataset:
+    """Learnable random data: each class is a fixed random image, plus per-example noise.
+
+    ``seed`` fixes the class images, ``split`` the examples drawn from them, so splits with the
+    same seed and different ``split`` share one task.
+    """
+    if num_examples < 1 or num_classes < 2:
+        raise DataError("synthetic data needs num_examples >= 1 and num_classes >= 2")
+    prototypes = np.random.default_rng(seed).uniform(40, 215,
+                                                     size=(num_classes,) + tuple(image_shape))
+    rng = np.random.default_rng([seed, split])
+    labels = rng.integers(0, num_classes, size=num_examples).astype(np.int32)
+    images = prototypes[labels] + rng.normal(0, noise, size=(num_examples,) + tuple(image_shape))
+    images = np.clip(np.round(images), 0, 255).astype(np.uint8)
+    return ArrayDataset(images, labels, num_classes, "synthetic")
+
+
+def load_splits(source: str = "embedded", *, name: str = "cifar10", data_dir: str | None = None,
+                download: bool = False, root: str | None = None, train_split: str = "train",
+                test_split: str = "test", limit: int | None = None, test_limit: int | None = None,
+                synthetic_shape: Sequence[int] = (16, 16, 3), num_classes: int = 10,
+                seed: int = 0) -> Splits:
+    """Loads train and test splits from any source (see the module docstring).
+
+    Args:
+        source: "embedded", "tfds", "folder" or "synthetic".
+        name: tfds dataset name (source "tfds").
+        data_dir: TFDS data directory (source "tfds").
+        download: allow tfds to download (source "tfds").
+        root: image-folder root (source "folder").
+        train_split, test_split: split names (sources "tfds" and "folder").
+        limit: keep at most this many training examples (the first ones).
+        test_limit: keep at most this many test examples.
+        synthetic_shape, num_classes, seed: for source "synthetic" (and the embedded split seed).
+    """
+    if source == "embedded":
+        splits = load_embedded(seed=seed)
+    elif source == "tfds":
+        splits = Splits(load_tfds(name, train_split, data_dir, download),
+                        load_tfds(name, test_split, data_dir, download))
+    elif source == "folder":
+        if not root:
+            raise DataError("the folder source needs root=<directory with <split>/<class>/ images>")
+        train = load_image_folder(root, train_split)
+        classes = sorted(p.name for p in (Path(root) / train_split).iterdir() if p.is_dir())
+        splits = Splits(train, load_image_folder(root, test_split, classes))
+    elif source == "synthetic":
+        n = limit or 2000
+        splits = Splits(load_synthetic(n, synthetic_shape, num_classes, seed, split=0),
+                        load_synthetic(test_limit or max(n // 5, 1), synthetic_shape,
+                                       num_classes, seed, split=1))
+    else:
+        raise DataError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
+    train, test = splits.train, splits.test
+    if limit is not None:
+        train = train.subset(np.arange(min(limit, len(train))))
+    if test_limit is not None:
+        test = test.subset(np.arange(min(test_limit, len(test))))
+    return Splits(train, test)

@@ -1,0 +1,196 @@
+"""Property tests of FedAvg, streaming FedAvg, staleness mixing and update validation."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fdjax.core import aggregation as agg
+
+fedavg = jax.jit(agg.fedavg)
+SHAPES = {"conv": {"kernel": (2, 3), "bias": (3,)}, "dense": (4,)}
+
+
+def make_tree(rng: np.random.Generator, scale: float = 10.0):
+    return jax.tree_util.tree_map(
+        lambda shape: jnp.asarray(rng.uniform(-scale, scale, size=shape), jnp.float32), SHAPES,
+        is_leaf=lambda x: isinstance(x, tuple))
+
+
+@st.composite
+def clients(draw, min_clients=1, max_clients=6):
+    n = draw(st.integers(min_clients, max_clients))
+    seed = draw(st.integers(0, 2**31 - 1))
+    weights = draw(st.lists(st.floats(0.0, 50.0), min_size=n, max_size=n))
+    if sum(weights) < 1e-3:
+        weights[0] = 1.0
+    rng = np.random.default_rng(seed)
+    return [make_tree(rng) for _ in range(n)], np.asarray(weights, np.float32), rng
+
+
+def close(a, b, atol=1e-4):
+    chex.assert_trees_all_close(a, b, atol=atol, rtol=1e-5)
+
+
+@settings(deadline=None, max_examples=40)
+@given(clients(min_clients=2))
+def test_fedavg_is_permutation_invariant(case):
+    trees, weights, rng = case
+    order = rng.permutation(len(trees))
+    close(fedavg(agg.stack_trees(trees), weights),
+          fedavg(agg.stack_trees([trees[i] for i in order]), weights[order]))
+
+
+@settings(deadline=None, max_examples=40)
+@given(clients(), st.floats(1e-2, 1e2))
+def test_fedavg_is_invariant_to_scaling_all_weights(case, factor):
+    trees, weights, _ = case
+    stacked = agg.stack_trees(trees)
+    close(fedavg(stacked, weights), fedavg(stacked, weights * np.float32(factor)))
+
+
+@settings(deadline=None, max_examples=25)
+@given(clients())
+def test_identical_clients_give_that_model_back_exactly(case):
+    trees, weights, _ = case
+    result = fedavg(agg.stack_trees([trees[0]] * len(trees)), weights)
+    chex.assert_trees_all_equal(result, trees[0])
+
+
+@settings(deadline=None, max_examples=40)
+@given(clients())
+def test_each_coordinate_lies_within_client_min_and_max(case):
+    trees, weights, _ = case
+    stacked = agg.stack_trees(trees)
+    result = fedavg(stacked, weights)
+    for avg, leaf in zip(jax.tree_util.tree_leaves(result), jax.tree_util.tree_leaves(stacked)):
+        assert np.all(np.asarray(avg) >= np.asarray(leaf.min(0)) - 1e-4)
+        assert np.all(np.asarray(avg) <= np.asarray(leaf.max(0)) + 1e-4)
+
+
+@settings(deadline=None, max_examples=40)
+@given(clients())
+def test_streaming_equals_batch(case):
+    trees, weights, _ = case
+    state = agg.streaming_init(trees[0], weights[0])
+    for tree, weight in zip(trees[1:], weights[1:]):
+        state = agg.streaming_add(state, tree, weight)
+    close(agg.streaming_result(state), fedavg(agg.stack_trees(trees), weights))
+
+
+@settings(deadline=None, max_examples=40)
+@given(clients(), st.integers(0, 6))
+def test_zero_weight_client_changes_nothing(case, position):
+    trees, weights, rng = case
+    position = position % (len(trees) + 1)
+    with_extra = trees[:position] + [make_tree(rng, 1000.0)] + trees[position:]
+    extra_weights = np.insert(weights, position, 0.0)
+    close(fedavg(agg.stack_trees(with_extra), extra_weights),
+          fedavg(agg.stack_trees(trees), weights), atol=5e-3)
+
+
+def test_fedavg_weights_by_examples():
+    a = {"w": jnp.zeros(3)}
+    b = {"w": jnp.ones(3) * 4.0}
+    result = fedavg(agg.stack_trees([a, b]), np.asarray([3.0, 1.0]))
+    np.testing.assert_allclose(result["w"], 1.0)
+
+
+def test_mismatched_trees_are_rejected():
+    a = {"w": jnp.zeros(3)}
+    with pytest.raises(ValueError):
+        agg.stack_trees([a, {"w": jnp.zeros(3), "b": jnp.zeros(1)}])
+    with pytest.raises(ValueError):
+        agg.stack_trees([a, {"w": jnp.zeros(4)}])
+    assert agg.validate_update(a, {"v": jnp.zeros(3)}) is not None
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([1.0, -1.0], "non-negative"), ([0.0, 0.0], "sum to zero"), ([1.0, np.nan], "finite"),
+    ([1.0], "2 client models"),
+])
+def test_bad_weights_are_rejected_with_a_reason(weights, message):
+    stacked = agg.stack_trees([{"w": jnp.zeros(2)}, {"w": jnp.ones(2)}])
+    with pytest.raises(ValueError, match=message):
+        agg.fedavg(stacked, np.asarray(weights))
+
+
+# --- staleness mixing -----------------------------------------------------------------------
+
+mix = jax.jit(agg.mix)
+
+
+@settings(deadline=None, max_examples=20)
+@given(st.integers(0, 2**31 - 1))
+def test_mixing_weight_zero_leaves_the_server_model_unchanged(seed):
+    rng = np.random.default_rng(seed)
+    server, update = make_tree(rng), make_tree(rng)
+    chex.assert_trees_all_equal(mix(server, update, 0.0), server)
+    close(mix(server, update, 1.0), update)
+
+
+@pytest.mark.parametrize("kind", agg.STALENESS_KINDS)
+def test_staleness_weight_is_one_when_fresh_and_never_increases(kind):
+    weights = np.asarray(agg.staleness_weight(jnp.arange(50), kind, a=0.5, b=4))
+    assert weights[0] == pytest.approx(1.0)
+    assert np.all(np.diff(weights) <= 0)
+    if kind != "constant":
+        assert weights[-1] < weights[5] < 1.0
+
+
+def test_staleness_mix_decreases_with_staleness():
+    server, update = {"w": jnp.zeros(1)}, {"w": jnp.ones(1)}
+    moved = [float(agg.staleness_mix(server, update, s, 0.6)["w"][0]) for s in (0, 1, 5, 20)]
+    assert moved[0] == pytest.approx(0.6)
+    assert moved == sorted(moved, reverse=True) and moved[-1] > 0
+
+
+def test_staleness_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown staleness"):
+        agg.staleness_weight(1, "linear")
+    with pytest.raises(ValueError, match="alpha"):
+        agg.staleness_mix({"w": jnp.zeros(1)}, {"w": jnp.zeros(1)}, 0, 1.5)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+REFERENCE = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 4)), "bias": jnp.zeros(4)},
+                        "Dense_0": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}}
+
+
+def with_leaf(path, value):
+    tree = jax.tree_util.tree_map(lambda x: x, REFERENCE)
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return tree
+
+
+@pytest.mark.parametrize("update, reason", [
+    (with_leaf(("params", "Dense_0", "bias"), jnp.asarray([0.0, np.nan])), "NaN"),
+    (with_leaf(("params", "Dense_0", "bias"), jnp.asarray([np.inf, 0.0])), "Inf"),
+    (with_leaf(("params", "Dense_0", "kernel"), jnp.ones((4, 3))), "shape"),
+    (with_leaf(("params", "Conv_0", "bias"), jnp.zeros(4, jnp.float16)), "dtype"),
+    (with_leaf(("params", "Conv_0", "bias"), jnp.zeros(4, jnp.int32)), "dtype"),
+    ({"params": {"Conv_0": REFERENCE["params"]["Conv_0"],
+                 "Dense_0": {"kernel": jnp.ones((4, 2))}}}, "missing leaf params/Dense_0/bias"),
+    (with_leaf(("params", "Dense_1"), jnp.zeros(2)), "unexpected leaf params/Dense_1"),
+    (with_leaf(("params", "Dense_0", "bias"), "0, 0"), "not an array"),
+])
+def test_validation_rejects_each_kind_of_bad_update(update, reason):
+    result = agg.validate_update(REFERENCE, update)
+    assert result is not None and reason in result
+
+
+def test_validation_accepts_a_good_update_and_bounds_the_change():
+    good = jax.tree_util.tree_map(lambda x: x + 0.01, REFERENCE)
+    assert agg.validate_update(REFERENCE, good) is None
+    far = jax.tree_util.tree_map(lambda x: x + 10.0, REFERENCE)
+    assert "above the bound" in agg.validate_update(REFERENCE, far, max_delta_norm=1.0)
+    assert agg.validate_update(REFERENCE, good, max_delta_norm=1.0) is None
