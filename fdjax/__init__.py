@@ -5,8 +5,4 @@ aggregation), ``fdjax.data`` (sources and partitions), ``fdjax.runtime`` (compil
 later nodes and clocks), then the CLI.
 """
 
-from fdjax import _xla_defaults
-
-_xla_defaults.apply()
-
 __version__ = "0.1.0"

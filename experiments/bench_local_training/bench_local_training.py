@@ -9,10 +9,9 @@ throughput does not depend on pixel values) with Adam and prints images/s of:
 * ``fdjax-loop`` / ``fdjax-scan``: both drivers forced, to show why the default is what it is
   (on CPU the scan driver is so slow that it runs only ``--scan-steps`` steps).
 
-fdjax and bare runs alternate (``--repeats`` times each) so drift on a shared machine hits both;
-the median is reported with the ratio fdjax / bare (target >= 0.95).
-``--xla-study`` also re-runs the fdjax measurement in subprocesses with and without fdjax's XLA CPU
-default (``fdjax/_xla_defaults.py``).
+fdjax and bare epochs alternate in ABBA order (``--repeats`` of each) so drift on a shared machine
+hits both; medians are reported, and the ratio is the median of the paired ratios fdjax / bare
+(target >= 0.95).
 
     python experiments/bench_local_training/bench_local_training.py --out results_cpu.json
 """
@@ -20,17 +19,13 @@ default (``fdjax/_xla_defaults.py``).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -110,13 +105,15 @@ def bench_preset(preset, args):
     fdjax_run = time_fdjax(model, data, args.batch_size, "auto")
     bare_run = time_bare(model, data, args.batch_size)
     samples = {"fdjax": [], "bare": []}
-    for _ in range(args.repeats):
-        samples["fdjax"].append(fdjax_run())
-        samples["bare"].append(bare_run())
+    runs = {"fdjax": fdjax_run, "bare": bare_run}
+    for repeat in range(args.repeats):
+        # ABBA order: slow drift of a shared machine hits both sides equally.
+        for name in (("fdjax", "bare") if repeat % 2 == 0 else ("bare", "fdjax")):
+            samples[name].append(runs[name]())
     for name, values in samples.items():
         result[name] = statistics.median(values)
         result[name + "_samples"] = [round(v, 1) for v in values]
-    result["ratio"] = result["fdjax"] / result["bare"]
+    result["ratio"] = statistics.median(f / b for f, b in zip(samples["fdjax"], samples["bare"]))
     result["driver_auto"] = LocalTrainer(model, make_optimizer(), args.batch_size).driver
     for driver in ("loop", "scan"):
         if driver == result["driver_auto"]:
@@ -131,31 +128,15 @@ def bench_preset(preset, args):
     return result
 
 
-def xla_study(args) -> dict:
-    """fdjax cnn6 throughput in fresh processes, with and without fdjax's XLA CPU default."""
-    out = {}
-    for label, env_value in (("fdjax default (eigen single-threaded)", "1"),
-                             ("XLA default (eigen multi-threaded)", "0")):
-        env = dict(os.environ, FDJAX_XLA_DEFAULTS=env_value)
-        command = [sys.executable, os.path.abspath(__file__), "--presets", "cnn6", "--repeats",
-                   "2", "--images", str(args.images), "--no-drivers", "--json"]
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        out[label] = json.loads(proc.stdout.strip().splitlines()[-1])["results"][0]["fdjax"]
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="cnn6,cnn12")
     parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--images", type=int, default=1024, help="images per timed epoch")
+    parser.add_argument("--images", type=int, default=512, help="images per timed epoch")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--scan-steps", type=int, default=4,
                         help="steps of the scan driver on CPU, where it is very slow")
-    parser.add_argument("--no-drivers", action="store_true", help="skip the driver comparison")
-    parser.add_argument("--xla-study", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print only a JSON line")
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
     device = jax.devices()[0]
@@ -164,29 +145,13 @@ def main():
               "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "results": []}
     for preset in args.presets.split(","):
-        if args.no_drivers:
-            model = make_model(preset, width=args.width)
-            data = as_device_data(random_data(args.images))
-            run = time_fdjax(model, data, args.batch_size, "auto")
-            report["results"].append({"preset": preset,
-                                      "fdjax": statistics.median(run() for _ in
-                                                                 range(args.repeats))})
-            continue
         result = bench_preset(preset, args)
         report["results"].append(result)
-        if not args.json:
-            print(f"{preset} x{args.width} on {report['backend']} ({report['device']}), "
+        print(f"{preset} x{args.width} on {report['backend']} ({report['device']}), "
                   f"batch {args.batch_size}: fdjax {result['fdjax']:.1f} img/s "
-                  f"[{result['driver_auto']}], bare loop {result['bare']:.1f} img/s, "
-                  f"ratio {result['ratio']:.3f}; drivers: loop {result['fdjax-loop']:.1f}, "
-                  f"scan {result['fdjax-scan']:.1f} img/s", flush=True)
-    if args.xla_study:
-        report["xla_study_cnn6"] = xla_study(args)
-        if not args.json:
-            for label, value in report["xla_study_cnn6"].items():
-                print(f"xla study, cnn6 fdjax: {label}: {value:.1f} img/s")
-    if args.json:
-        print(json.dumps(report))
+              f"[{result['driver_auto']}], bare loop {result['bare']:.1f} img/s, "
+              f"ratio {result['ratio']:.3f}; drivers: loop {result['fdjax-loop']:.1f}, "
+              f"scan {result['fdjax-scan']:.1f} img/s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
