@@ -69,10 +69,90 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from fdjax.config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "method", None):
+        overrides.insert(0, f"method={args.method}")
+    return load_config(args.config, overrides)
+
+
+class _Progress:
+    """A progress bar over the run's clock: time, round and accuracy."""
+
+    def __init__(self, total: float | None, label: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=label, unit="s", file=sys.stderr, disable=None,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                   "[{elapsed}{postfix}]" if total else None)
+
+    def __call__(self, row: dict) -> None:
+        self.bar.set_postfix(round=row["round"], acc=f"{row['global_accuracy']:.3f}")
+        self.bar.update(max(0.0, row["time"] - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fdjax.experiment import run
+
+    config = _load(args)
+    progress = _Progress(config.stop.time_budget, config.method)
+    try:
+        result = run(config, args.out, on_row=progress)
+    finally:
+        progress.close()
+    last = result.rows[-1]
+    print(f"{config.method}: {len(result.rows)} evaluations, {last['round']} rounds, "
+          f"global accuracy {last['global_accuracy']:.4f} at {last['time']:.1f} s "
+          f"({config.clock} clock); written to {args.out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fdjax.experiment import compare
+    from fdjax.methods import PAPER_METHODS
+
+    config = _load(args)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(
+        PAPER_METHODS)
+    progress = _Progress(None, "compare")
+    try:
+        comparison = compare(config, methods, args.seeds, args.out,
+                             on_row=lambda row: progress.bar.set_postfix(
+                                 method=row["method"], seed=row["seed"], t=f"{row['time']:.0f}",
+                                 acc=f"{row['global_accuracy']:.3f}", refresh=True))
+    finally:
+        progress.close()
+    print(comparison.table())
+    print(f"written to {args.out}: figure.png, table.md, results.json")
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--config", default=None, help="TOML config file (default: built-in)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set clients.count=5 (repeatable)")
+    parser.add_argument("--out", default=default_out, help=f"output directory ({default_out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fdjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, JAX backend and devices").set_defaults(fn=_info)
+    run = sub.add_parser("run", help="run one method")
+    _add_config_args(run, "runs/run")
+    run.add_argument("--method", default=None, help="method name (overrides the config)")
+    run.set_defaults(fn=_run)
+    compare = sub.add_parser("compare", help="run several methods and compare them")
+    _add_config_args(compare, "runs/compare")
+    compare.add_argument("--methods", default=None,
+                         help="comma-separated methods (default: the paper's four)")
+    compare.add_argument("--seeds", type=int, default=1)
+    compare.set_defaults(fn=_compare)
     train = sub.add_parser("train", help="train one model on one dataset (a quick check)")
     train.add_argument("--source", default="embedded",
                        help="embedded (default, offline), tfds, folder or synthetic")

@@ -145,7 +145,7 @@ def mix(server: Any, update: Any, alpha: jax.Array) -> Any:
 def staleness_mix(server: Any, update: Any, staleness: jax.Array, base_alpha: float, *,
                   kind: str = "polynomial", a: float = 0.5, b: float = 4.0) -> Any:
     """FedAsync update: mixes ``update`` in with weight ``base_alpha * s(staleness)``."""
-    if not 0 <= base_alpha <= 1:
+    if not _is_traced(base_alpha) and not 0 <= base_alpha <= 1:
         raise ValueError(f"mixing weight alpha must be in [0, 1], got {base_alpha}")
     return mix(server, update, base_alpha * staleness_weight(staleness, kind, a, b))
 

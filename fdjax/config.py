@@ -1,0 +1,394 @@
+"""One validated, immutable configuration for a federated run.
+
+A run is described by a TOML file (sections are tables) plus ``--set key=value`` overrides, so
+experiments are reproducible from a single written file (``config_to_toml``). Everything is checked
+up front, before any JAX work starts, and every error names the offending key in dotted form.
+Only the standard library is imported, so the CLI can validate a config without loading JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+_NONE_WORDS = ("none", "null")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the one-line message names the offending dotted key."""
+
+
+# Value checks: each returns an error message or None. They run after the type check.
+def _gt(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v > lo else f"must be > {lo}, got {v!r}"
+
+
+def _ge(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {lo}, got {v!r}"
+
+
+def _within(lo: float, hi: float, open_lo: bool = False) -> Callable[[Any], str | None]:
+    ok = (lambda v: lo < v <= hi) if open_lo else (lambda v: lo <= v <= hi)
+    text = f"{'(' if open_lo else '['}{lo}, {hi}]"
+    return lambda v: None if ok(v) else f"must be in {text}, got {v!r}"
+
+
+def _one_of(*options: str) -> Callable[[Any], str | None]:
+    names = ", ".join(repr(o) for o in options)
+    return lambda v: None if v in options else f"must be one of {names}, got {v!r}"
+
+
+def _f(default: Any = None, check: Callable[[Any], str | None] | None = None, *,
+       factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field whose value check lives in its metadata."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+_PRESETS = ("cnn6", "cnn12")
+
+
+class _Section:
+    """Shared validation: type-check, coerce and range-check every field on construction."""
+
+    _section: ClassVar[str] = ""
+
+    def _key(self, name: str) -> str:
+        return f"{self._section}.{name}" if self._section else name
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            key, value = self._key(f.name), getattr(self, f.name)
+            value = _coerce(key, value, hints[f.name])
+            object.__setattr__(self, f.name, value)
+            check = f.metadata.get("check")
+            if check is None or value is None or isinstance(value, _Section):
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                if (problem := check(item)) is not None:
+                    raise ConfigError(f"{key}: {problem}")
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field checks; sections override this."""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type; ints become floats where floats are expected.
+
+    A bool is rejected as a number because TOML ``true`` in a count is always a mistake.
+    """
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        if not isinstance(value, hint):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected list of float, got {value!r}")
+        return [_coerce(key, v, float) for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Where examples come from and how they are split among clients."""
+
+    _section: ClassVar[str] = "data"
+    source: str = _f("embedded", _one_of("embedded", "tfds", "folder", "synthetic"))
+    name: str = _f("cifar10")
+    data_dir: str | None = _f(None)
+    download: bool = _f(False)
+    root: str | None = _f(None)
+    limit: int | None = _f(None, _ge(1))
+    test_limit: int | None = _f(None, _ge(1))
+    partition: str = _f("iid", _one_of("iid", "dirichlet", "shards"))
+    alpha: float = _f(0.5, _gt(0))
+    shards_per_client: int = _f(2, _ge(1))
+    proxy_size: int = _f(300, _ge(1))
+    keep_proxy_labels: bool = _f(False)
+
+    def _check(self) -> None:
+        if self.source == "folder" and self.root is None:
+            raise ConfigError("data.root: required when data.source is 'folder'")
+        if self.limit is not None and self.proxy_size >= self.limit:
+            raise ConfigError(f"data.proxy_size: must be smaller than data.limit "
+                              f"({self.limit}), got {self.proxy_size}")
+
+
+@dataclass(frozen=True)
+class ClientsConfig(_Section):
+    """How many clients there are, how fast each is, and how they train locally."""
+
+    _section: ClassVar[str] = "clients"
+    count: int = _f(3, _ge(1))
+    speeds: list[float] = _f(check=_gt(0), factory=lambda: [1.0])
+    local_epochs: int = _f(1, _ge(1))
+    batch_size: int = _f(32, _ge(1))
+    optimizer: str = _f("adam", _one_of(*_OPTIMIZERS))
+    learning_rate: float = _f(1e-3, _gt(0))
+    round_timeout: float | None = _f(None, _gt(0))
+
+    def _check(self) -> None:
+        if len(self.speeds) not in (1, self.count):
+            raise ConfigError(f"clients.speeds: must have 1 or clients.count ({self.count}) "
+                              f"entries, got {len(self.speeds)}")
+
+
+@dataclass(frozen=True)
+class ServerConfig(_Section):
+    """The machine(s) the global and small servers share."""
+
+    _section: ClassVar[str] = "server"
+    device_speed: float = _f(1.0, _gt(0))
+    device_slots: int = _f(2, _ge(1))
+    separate_devices: bool = _f(False)
+
+
+@dataclass(frozen=True)
+class ModelsConfig(_Section):
+    """Architectures of the global (server) model and the small (client) model."""
+
+    _section: ClassVar[str] = "models"
+    global_preset: str = _f("cnn12", _one_of(*_PRESETS))
+    small_preset: str = _f("cnn6", _one_of(*_PRESETS))
+    global_width: float = _f(0.5, _gt(0))
+    small_width: float = _f(0.5, _gt(0))
+    norm: str = _f("none", _one_of("none", "group", "layer"))
+
+
+@dataclass(frozen=True)
+class DistillConfig(_Section):
+    """Knowledge distillation between the small and global models on the proxy set."""
+
+    _section: ClassVar[str] = "distill"
+    temperature: float = _f(2.0, _gt(0))
+    steps_per_chunk: int = _f(10, _ge(1))
+    chunks_per_round: int = _f(1, _ge(1))
+    forward_chunks: int = _f(1, _ge(1))
+    forward_every: int = _f(5, _ge(1))  # async-fwd: forward-distil after every N reverse chunks
+    batch_size: int = _f(64, _ge(1))
+    label_weight: float = _f(0.0, _within(0, 1))
+    optimizer: str = _f("adam", _one_of(*_OPTIMIZERS))
+    learning_rate: float = _f(1e-3, _gt(0))
+    mix_alpha: float = _f(0.5, _within(0, 1))
+    staleness: str = _f("polynomial", _one_of("constant", "polynomial", "hinge"))
+
+
+@dataclass(frozen=True)
+class CostConfig(_Section):
+    """How compute and communication time is charged on the run's clock."""
+
+    _section: ClassVar[str] = "cost"
+    mode: str = _f("measured", _one_of("measured", "fixed"))
+    client_seconds_per_example: float = _f(0.002, _ge(0))
+    server_seconds_per_example: float = _f(0.001, _ge(0))
+    latency: float = _f(0.01, _ge(0))
+    bandwidth: float = _f(1.0e8, _gt(0))
+
+
+@dataclass(frozen=True)
+class StopConfig(_Section):
+    """When the run ends: whichever of the set limits is reached first."""
+
+    _section: ClassVar[str] = "stop"
+    time_budget: float | None = _f(120.0, _gt(0))
+    target_accuracy: float | None = _f(None, _within(0, 1, open_lo=True))
+    max_rounds: int | None = _f(None, _ge(1))
+    eval_interval: float = _f(5.0, _gt(0))
+
+    def _check(self) -> None:
+        if self.time_budget is None and self.target_accuracy is None and self.max_rounds is None:
+            raise ConfigError("stop: set at least one of stop.time_budget, "
+                              "stop.target_accuracy, stop.max_rounds, or the run never ends")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "data": DataConfig, "clients": ClientsConfig, "server": ServerConfig, "models": ModelsConfig,
+    "distill": DistillConfig, "cost": CostConfig, "stop": StopConfig}
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    """The whole run: method, clock, seed and one instance of each section."""
+
+    method: str = _f("async-continuous", _one_of(
+        "sync-fwd", "sync", "async-round", "async-continuous", "async-fwd", "fedavg-large"))
+    clock: str = _f("virtual", _one_of("virtual", "real"))
+    seed: int = _f(0, _ge(0))
+    data: DataConfig = _f(factory=DataConfig)
+    clients: ClientsConfig = _f(factory=ClientsConfig)
+    server: ServerConfig = _f(factory=ServerConfig)
+    models: ModelsConfig = _f(factory=ModelsConfig)
+    distill: DistillConfig = _f(factory=DistillConfig)
+    cost: CostConfig = _f(factory=CostConfig)
+    stop: StopConfig = _f(factory=StopConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Build from a nested dict as ``tomllib`` returns; missing keys take defaults.
+
+        Unknown sections and keys are errors, so a typo never silently runs the default.
+        """
+        top = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in _SECTIONS:
+                kwargs[key] = _section_from_dict(key, value)
+            elif key in top:
+                kwargs[key] = value
+            else:
+                raise ConfigError(f"unknown key {key!r}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (sections as dicts); None values are omitted, as TOML has no null."""
+        return _raw(self, keep_none=False)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with top-level fields (or whole sections) changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def client_speeds(self) -> list[float]:
+        """Relative speed of each client, ``clients.count`` entries."""
+        speeds = self.clients.speeds
+        return list(speeds) if len(speeds) > 1 else speeds * self.clients.count
+
+
+def _section_from_dict(name: str, value: Any) -> _Section:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table, got {value!r}")
+    cls = _SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, v in value.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key '{name}.{key}'")
+        # TOML has no null, so the string "none" disables an optional number (see config_to_toml).
+        if (isinstance(v, str) and v.lower() in _NONE_WORDS and type(None) in
+                typing.get_args(hints[key]) and str not in typing.get_args(hints[key])):
+            v = None
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def _raw(obj: _Section, keep_none: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if isinstance(value, _Section):
+            value = _raw(value, keep_none)
+        elif isinstance(value, list):
+            value = list(value)
+        if value is not None or keep_none:
+            out[f.name] = value
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Write ``cfg`` as TOML that loads back to an equal Config.
+
+    An optional field that is None but defaults to a value is written as ``"none"``.
+    """
+    lines: list[str] = []
+    for obj, header in [(cfg, None)] + [(getattr(cfg, n), n) for n in _SECTIONS]:
+        if header is not None:
+            lines += ["", f"[{header}]"]
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, _Section) or (value is None and f.default is None):
+                continue
+            text = '"none"' if value is None else _toml_value(value)
+            lines.append(f"{f.name} = {text}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Split ``key=value``; the value is read as a TOML value, else kept as a bare string.
+
+    ``none`` or ``null`` gives None, so an optional limit can be switched off from the command line.
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    if raw.lower() in _NONE_WORDS:
+        return key, None
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return key, raw
+    return key, parsed["v"] if list(parsed) == ["v"] else raw
+
+
+def _apply(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each override into a nested dict; validation happens once, after all of them."""
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in _SECTIONS:
+            raise ConfigError(f"{key}: is a section; set its keys as {key}.<key>")
+        if len(parts) == 1:
+            d[key] = value
+        elif len(parts) == 2 and parts[0] in _SECTIONS:
+            section = d.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{parts[0]}: expected a table, got {section!r}")
+            section[parts[1]] = value
+        else:
+            raise ConfigError(f"unknown key {key!r}")
+    return d
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied in order, then validated."""
+    return Config.from_dict(_apply(_raw(cfg, keep_none=True), overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply overrides in order, and validate."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        try:
+            d = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file '{path}': invalid TOML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file '{path}': cannot read: {e}") from None
+    return Config.from_dict(_apply(d, overrides))

@@ -1,0 +1,313 @@
+"""Running an experiment: config -> data, models, nodes -> metrics, run directory.
+
+``run(config)`` executes one method on one seed and returns a ``Run``; ``compare(config, methods,
+seeds)`` runs several on the same data split and returns a ``Comparison`` that draws the paper's
+Figure 2 and a table. The CLI only parses arguments into a config and calls these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from fdjax import report
+from fdjax.config import Config, config_to_toml
+from fdjax.core import OptimizerSettings, make_model, make_optimizer
+from fdjax.data import load_splits, split_federated
+from fdjax.methods import get_method
+from fdjax.runtime.channels import Mailbox, Network, Register
+from fdjax.runtime.clock import Clock, Cost, Device
+from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer, as_device_data
+from fdjax.runtime.nodes import AveragingServer, Client, Context, DistillationServer, Observer
+
+
+@dataclasses.dataclass
+class Run:
+    """The outcome of one run.
+
+    Attributes:
+        config: the resolved config.
+        rows: one metrics dict per evaluation (``method``, ``seed``, ``time``, ``wall_time``,
+            ``global_accuracy``, ``small_accuracy``, ``round``, ...).
+        nodes: per node: role, busy and idle seconds, messages and bytes sent.
+        staleness: for each reverse-distillation chunk, how many averaging rounds the average
+            it used was behind.
+        global_params: final parameters of the global (large) model.
+        small_params: final parameters of the small model (None for ``fedavg-large``).
+        events: the node event log (start and end of training, rounds, distillation chunks).
+        devices: per device, the (start, end, node) interval of every computation it ran.
+        out_dir: where the run was written, if anywhere.
+    """
+
+    config: Config
+    rows: list[dict]
+    nodes: dict[str, dict]
+    staleness: list[int]
+    global_params: Any
+    small_params: Any
+    events: list[dict]
+    devices: dict[str, list[tuple[float, float, str]]]
+    out_dir: Path | None = None
+
+    def summary(self) -> dict:
+        target = self.config.stop.target_accuracy or 0.6
+        return report.summarize_run(self.rows, self.nodes, target)
+
+
+def _optimizer(name: str, learning_rate: float):
+    return make_optimizer(OptimizerSettings(name, learning_rate))
+
+
+@functools.lru_cache(maxsize=64)
+def _program(kind: str, *settings: Any) -> Any:
+    """Models and compiled programs, shared by every run with the same settings.
+
+    Runs of one comparison (and one test session) then compile each program once instead of
+    once per run.
+    """
+    if kind == "model":
+        preset, shape, classes, width, norm = settings
+        return make_model(preset, input_shape=shape, num_classes=classes, width=width, norm=norm)
+    if kind == "trainer":
+        model, optimizer, learning_rate, batch_size = settings
+        return LocalTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
+                            batch_size)
+    if kind == "distiller":
+        student, teacher, optimizer, learning_rate, batch_size, steps, temperature, weight = settings
+        return Distiller(_program("model", *student), _program("model", *teacher),
+                         _optimizer(optimizer, learning_rate), batch_size, steps, temperature,
+                         weight)
+    if kind == "evaluator":
+        return Evaluator(_program("model", *settings))
+    raise ValueError(f"unknown program kind {kind!r}")
+
+
+def prepare_data(config: Config):
+    """Loads the dataset and splits it into clients and the proxy set (same for every method)."""
+    d = config.data
+    splits = load_splits(d.source, name=d.name, data_dir=d.data_dir, download=d.download,
+                         root=d.root, limit=d.limit, test_limit=d.test_limit, seed=config.seed)
+    fed = split_federated(splits.train, config.clients.count, scheme=d.partition,
+                          proxy_size=d.proxy_size, keep_proxy_labels=d.keep_proxy_labels,
+                          seed=config.seed, alpha=d.alpha,
+                          shards_per_client=d.shards_per_client)
+    return splits, fed
+
+
+def run(config: Config, out_dir: str | Path | None = None, *, data=None,
+        on_row: Callable[[dict], None] | None = None) -> Run:
+    """Runs ``config.method`` once and returns its ``Run`` (and writes it to ``out_dir``).
+
+    Args:
+        config: a validated config (see ``fdjax.config``).
+        out_dir: if given, receives ``config.toml``, ``metrics.jsonl``, ``nodes.json`` and the
+            final parameters (``global_params.npz``, ``small_params.npz``).
+        data: the result of ``prepare_data(config)``, to share one split across runs.
+        on_row: called with each metrics row as it is produced (progress bars).
+    """
+    method = get_method(config.method)
+    out = _prepare_out_dir(out_dir, config)
+    splits, fed = data if data is not None else prepare_data(config)
+    m = config.models
+    shape, classes = splits.train.image_shape, splits.train.num_classes
+    large_spec = (m.global_preset, shape, classes, m.global_width, m.norm)
+    small_spec = (m.small_preset, shape, classes, m.small_width, m.norm)
+    large, small = _program("model", *large_spec), _program("model", *small_spec)
+    client_spec = small_spec if method.clients_train == "small" else large_spec
+    client_model = _program("model", *client_spec)
+    key = jax.random.key(config.seed)
+    clock = Clock(virtual=config.clock == "virtual")
+    network = Network(config.cost.latency, config.cost.bandwidth)
+    client_cost = Cost(config.cost.mode, config.cost.client_seconds_per_example)
+    server_cost = Cost(config.cost.mode, config.cost.server_seconds_per_example)
+    trainer = _program("trainer", client_spec, config.clients.optimizer,
+                       config.clients.learning_rate, config.clients.batch_size)
+    test = as_device_data(splits.test.arrays())
+    rows: list[dict] = []
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        ctx = Context(clock, asyncio.Event())
+        server_device = Device("server", config.server.device_speed, config.server.device_slots)
+        distill_device = (Device("distiller", config.server.device_speed, 1)
+                          if config.server.separate_devices else server_device)
+        published = Register(network)
+        to_server = Mailbox(network)
+        clients = [Client(ctx, i, Device(f"client{i}", speed), as_device_data(c.arrays()), trainer,
+                          config.clients.local_epochs, client_cost,
+                          jax.random.fold_in(jax.random.fold_in(key, 100), i), to_server)
+                   for i, (c, speed) in enumerate(zip(fed.clients, config.client_speeds))]
+
+        def round_done(r: int) -> None:
+            if config.stop.max_rounds is not None and r >= config.stop.max_rounds:
+                ctx.stop.set()
+
+        averaging = AveragingServer(
+            ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
+            to_server, server_cost, published, wait_for_distiller=method.waits_for_distiller,
+            mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
+            staleness=config.distill.staleness, on_round=round_done)
+        distiller = None
+        tasks = [asyncio.ensure_future(c.run()) for c in clients]
+        if method.distill_mode is not None:
+            dc = config.distill
+            settings = (dc.optimizer, dc.learning_rate, dc.batch_size, dc.steps_per_chunk,
+                        dc.temperature, dc.label_weight)
+            reverse = _program("distiller", large_spec, small_spec, *settings)
+            forward = (_program("distiller", small_spec, large_spec, *settings)
+                       if method.forward else None)
+            distiller = DistillationServer(
+                ctx, distill_device, reverse.init(large.init(jax.random.fold_in(key, 1))),
+                reverse, forward, as_device_data(fed.proxy.arrays()), server_cost,
+                jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
+                reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
+                forward_every=dc.forward_every)
+            tasks.append(asyncio.ensure_future(distiller.run(averaging.params)))
+        tasks.append(asyncio.ensure_future(averaging.run()))
+        global_of = (lambda: distiller.params) if distiller else (lambda: averaging.params)
+        small_of = (lambda: averaging.params) if distiller else None
+
+        def record(row: dict) -> None:
+            row.update(method=config.method, seed=config.seed, round=averaging.round,
+                       distill_chunks=distiller.chunks if distiller else 0,
+                       last_staleness=(distiller.staleness[-1]
+                                       if distiller and distiller.staleness else None),
+                       rejected=len(averaging.rejected))
+            rows.append(row)
+            if out is not None:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if on_row is not None:
+                on_row(row)
+            target = config.stop.target_accuracy
+            if target is not None and row["global_accuracy"] >= target:
+                ctx.stop.set()
+
+        observer = Observer(ctx, config.stop.eval_interval, global_of, small_of,
+                            _program("evaluator", *(large_spec if distiller else client_spec)),
+                            _program("evaluator", *small_spec) if distiller else None, test,
+                            record)
+        tasks.append(asyncio.ensure_future(observer.run()))
+        waiters = [asyncio.ensure_future(ctx.stop.wait())]
+        if config.stop.time_budget is not None:
+            waiters.append(asyncio.ensure_future(clock.sleep(config.stop.time_budget)))
+        try:
+            done, _ = await asyncio.wait(waiters + tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task in tasks and task.exception() is not None:
+                    raise task.exception()
+        finally:
+            for task in tasks + waiters:
+                task.cancel()
+            await asyncio.gather(*tasks, *waiters, return_exceptions=True)
+        if not rows or rows[-1]["time"] < clock.now():
+            record(observer.evaluate())  # the final state, at the moment the run stopped
+        devices = {d.name: d.intervals for d in
+                   [server_device, distill_device] + [c.device for c in clients]}
+        nodes = {c.name: c.stats.as_dict() for c in clients}
+        nodes[averaging.name] = averaging.stats.as_dict()
+        if distiller:
+            nodes[distiller.name] = distiller.stats.as_dict()
+        state.update(nodes=nodes, global_params=global_of(),
+                     small_params=small_of() if small_of else None,
+                     staleness=list(distiller.staleness) if distiller else [],
+                     events=ctx.events, duration=clock.now(), devices=devices)
+
+    loop = clock.new_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    result = Run(config, rows, state["nodes"], state["staleness"], state["global_params"],
+                 state["small_params"], state["events"], state["devices"], out)
+    if out is not None:
+        _write_outputs(result, state["duration"])
+    return result
+
+
+def _prepare_out_dir(out_dir: str | Path | None, config: Config) -> Path | None:
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+        (out / "config.toml").write_text(config_to_toml(config))
+    except OSError as err:
+        raise ValueError(f"cannot write to output directory {str(out)!r}: {err.strerror}") from err
+    return out
+
+
+def _save_params(path: Path, params: Any) -> None:
+    flat = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(path, **flat)
+
+
+def _write_outputs(result: Run, duration: float) -> None:
+    out = result.out_dir
+    (out / "nodes.json").write_text(json.dumps(
+        {"duration": duration, "nodes": result.nodes, "staleness": result.staleness}, indent=1))
+    _save_params(out / "global_params.npz", result.global_params)
+    if result.small_params is not None:
+        _save_params(out / "small_params.npz", result.small_params)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Several methods (and seeds) run on one config and one data split."""
+
+    config: Config
+    runs: dict[str, list[Run]]
+    target: float
+    reference: str | None = None
+
+    def results(self) -> dict:
+        per_method = {m: [r.summary() for r in runs] for m, runs in self.runs.items()}
+        return report.results_json(per_method, self.target, self.reference)
+
+    def table(self) -> str:
+        return report.table_markdown(self.results())
+
+    def figure(self, path: str | Path) -> Path:
+        return report.plot_accuracy({m: [r.rows for r in runs] for m, runs in self.runs.items()},
+                                    path, target=self.target)
+
+
+def compare(config: Config, methods: Sequence[str], seeds: int = 1,
+            out_dir: str | Path | None = None,
+            on_row: Callable[[dict], None] | None = None) -> Comparison:
+    """Runs every method for ``seeds`` seeds (config.seed, config.seed + 1, ...).
+
+    All methods of one seed share one data split. With ``out_dir``, each run goes to
+    ``out_dir/<method>/seed<k>/`` and the comparison writes ``figure.png``, ``table.md`` and
+    ``results.json``.
+    """
+    for name in methods:
+        get_method(name)
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    out = Path(out_dir) if out_dir is not None else None
+    runs: dict[str, list[Run]] = {m: [] for m in methods}
+    for k in range(seeds):
+        seeded = config.replace(seed=config.seed + k)
+        data = prepare_data(seeded)
+        for name in methods:
+            cfg = seeded.replace(method=name)
+            run_dir = out / name / f"seed{cfg.seed}" if out is not None else None
+            runs[name].append(run(cfg, run_dir, data=data, on_row=on_row))
+    target = config.stop.target_accuracy or 0.6
+    reference = "sync-fwd" if "sync-fwd" in methods else None
+    comparison = Comparison(config, runs, target, reference)
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(comparison.results(), indent=1))
+        (out / "table.md").write_text(comparison.table())
+        comparison.figure(out / "figure.png")
+    return comparison

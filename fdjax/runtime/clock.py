@@ -1,0 +1,136 @@
+"""Two clocks for one node code: virtual time and the wall clock.
+
+**Virtual clock.** ``VirtualTimeLoop`` is an asyncio event loop whose ``time()`` is virtual: when no
+callback is ready it jumps straight to the earliest timer, so ``await asyncio.sleep(cost)`` takes no
+wall time and events happen in virtual-time order. Compute therefore runs on the loop's own thread
+(blocking); the node then sleeps its cost in virtual time while it holds its device. Handing compute
+to a thread would let the clock jump past it.
+
+**Real clock.** The standard event loop; compute goes to a worker thread
+(``asyncio.to_thread``) so nodes overlap for real, and costs are whatever the wall clock says.
+
+``Device`` models a machine: a speed (compute costs are divided by it) and a number of slots (how
+many computations it runs at once; nodes on a one-slot device never overlap). ``Clock.compute``
+runs a function on a device and charges its cost, either measured or fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: idle waits jump to the next timer instantly.
+
+    Relies on CPython's ``BaseEventLoop`` internals (``_ready``, ``_scheduled``), stable since 3.4.
+    Real I/O and threads must not be mixed in: nothing here waits for them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._virtual_now = 0.0
+
+    def time(self) -> float:
+        return self._virtual_now
+
+    def _run_once(self) -> None:
+        if not self._ready and self._scheduled:
+            head = self._scheduled[0]
+            if not head._cancelled and head._when > self._virtual_now:
+                self._virtual_now = head._when
+        super()._run_once()
+
+
+@dataclasses.dataclass
+class Device:
+    """A named machine with a speed (1.0 = the machine fdjax runs on) and compute slots."""
+
+    name: str
+    speed: float = 1.0
+    slots: int = 1
+
+    def __post_init__(self):
+        if not self.speed > 0 or self.slots < 1:
+            raise ValueError(f"device {self.name!r} needs speed > 0 and slots >= 1")
+        self._semaphore: asyncio.Semaphore | None = None
+        #: (start, end, node) of every computation, on the run's clock.
+        self.intervals: list[tuple[float, float, str]] = []
+
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        if self._semaphore is None:  # created inside the running loop
+            self._semaphore = asyncio.Semaphore(self.slots)
+        return self._semaphore
+
+
+@dataclasses.dataclass
+class Cost:
+    """How compute is charged: measured wall time, or a fixed time per example."""
+
+    mode: str = "measured"  # "measured" or "fixed"
+    seconds_per_example: float = 0.0
+
+
+class Clock:
+    """Runs compute on devices and charges it, on virtual or real time.
+
+    Args:
+        virtual: virtual time (deterministic with fixed costs) or the wall clock.
+    """
+
+    def __init__(self, virtual: bool):
+        self.virtual = virtual
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.origin = 0.0
+        self._compiled: set[Any] = set()
+
+    def new_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop a run executes on (its ``time()`` is the run's clock)."""
+        self.loop = VirtualTimeLoop() if self.virtual else asyncio.new_event_loop()
+        self.origin = self.loop.time()
+        return self.loop
+
+    def now(self) -> float:
+        """Seconds on the run's clock (callable from worker threads too)."""
+        return self.loop.time() - self.origin
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    async def compute(self, device: Device, fn: Callable[[], Any], *, cost: Cost,
+                      examples: int = 0, program: Any = None, node: str = ""
+                      ) -> tuple[Any, float]:
+        """Runs ``fn()`` on ``device``; returns its result and the time it was charged.
+
+        In virtual mode the call runs now, blocking, and the node then holds the device for the
+        charged time. With a measured cost the first call of each ``program`` is run twice and
+        the second timed, so compilation is never charged.
+        """
+        async with device.semaphore:
+            start = self.now()
+            if not self.virtual:
+                result = await asyncio.to_thread(_blocked, fn)
+                device.intervals.append((start, self.now(), node))
+                return result, self.now() - start
+            if cost.mode == "fixed":
+                result = _blocked(fn)
+                charged = cost.seconds_per_example * examples / device.speed
+            else:
+                if program is not None and program not in self._compiled:
+                    _blocked(fn)  # compile; pure functions give the same result again
+                    self._compiled.add(program)
+                wall = time.perf_counter()
+                result = _blocked(fn)
+                charged = (time.perf_counter() - wall) / device.speed
+            await self.sleep(charged)
+            device.intervals.append((start, self.now(), node))
+            return result, charged
+
+
+def _blocked(fn: Callable[[], Any]) -> Any:
+    return jax.block_until_ready(fn())
