@@ -121,7 +121,7 @@ def _compare(args: argparse.Namespace) -> int:
         PAPER_METHODS)
     progress = _Progress(None, "compare")
     try:
-        comparison = compare(config, methods, args.seeds, args.out,
+        comparison = compare(config, methods, args.seeds, args.out, target=args.target,
                              on_row=lambda row: progress.bar.set_postfix(
                                  method=row["method"], seed=row["seed"], t=f"{row['time']:.0f}",
                                  acc=f"{row['global_accuracy']:.3f}", refresh=True))
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default=None,
                          help="comma-separated methods (default: the paper's four)")
     compare.add_argument("--seeds", type=int, default=1)
+    compare.add_argument("--target", type=float, default=None,
+                         help="accuracy the table times (default: stop.target_accuracy, else "
+                              "0.6); unlike stop.target_accuracy it does not stop the runs")
     compare.set_defaults(fn=_compare)
     train = sub.add_parser("train", help="train one model on one dataset (a quick check)")
     train.add_argument("--source", default="embedded",

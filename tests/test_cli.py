@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -37,3 +38,81 @@ def test_bad_input_is_one_line_and_exit_status_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("fdjax: error:")
+
+
+TINY_TOML = """
+method = "async-continuous"
+[data]
+source = "synthetic"
+limit = 200
+test_limit = 60
+proxy_size = 40
+[models]
+global_width = 0.25
+small_width = 0.25
+[distill]
+steps_per_chunk = 2
+batch_size = 16
+[cost]
+mode = "fixed"
+client_seconds_per_example = 0.005
+server_seconds_per_example = 0.005
+[stop]
+time_budget = 4.0
+eval_interval = 1.0
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
+def test_run_writes_every_output_file(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(tiny_config), "--method", "sync",
+                 "--set", "clients.count=2", "--out", str(out)]) == 0
+    for name in ("config.toml", "metrics.jsonl", "nodes.json", "global_params.npz",
+                 "small_params.npz"):
+        assert (out / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) >= 4
+    for key in ("method", "time", "wall_time", "global_accuracy", "small_accuracy", "round"):
+        assert all(key in row for row in rows)
+    assert rows[0]["method"] == "sync"
+    resolved = (out / "config.toml").read_text()
+    assert 'method = "sync"' in resolved and "count = 2" in resolved
+    nodes = json.loads((out / "nodes.json").read_text())["nodes"]
+    assert set(nodes) == {"client0", "client1", "averaging", "distillation"}
+    assert all(n["bytes"] > 0 for n in nodes.values())
+
+
+def test_compare_writes_figure_table_and_results(tiny_config, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(tiny_config), "--methods",
+                 "sync,async-continuous", "--set", "stop.target_accuracy=0.3",
+                 "--set", "stop.time_budget=3", "--out", str(out)]) == 0
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "async-continuous" in (out / "table.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    for method in ("sync", "async-continuous"):
+        summary = results["methods"][method]
+        assert {"time_to_target", "final_accuracy", "client_idle_fraction",
+                "server_idle_fraction"} <= set(summary)
+        assert (out / method / "seed0" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "clients.cuont=3"], "unknown key 'clients.cuont'"),
+    (["--set", "clients.count=0"], "clients.count"),
+    (["--set", "method=fast"], "method"),
+    (["--config", "/nonexistent/x.toml"], "not found"),
+    (["--out", "/proc/fdjax-cannot-write"], "cannot write"),
+])
+def test_bad_run_config_is_one_line_and_exit_status_2(capsys, tiny_config, args, message):
+    argv = ["run"] + (["--config", str(tiny_config)] if "--config" not in args else []) + args
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

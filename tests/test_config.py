@@ -21,8 +21,8 @@ def test_defaults_validate():
     cfg = Config()
     assert cfg == Config.from_dict({}) == load_config()
     assert cfg.method == "async-continuous" and cfg.clock == "virtual" and cfg.seed == 0
-    assert cfg.clients.speeds == [1.0] and cfg.client_speeds == [1.0, 1.0, 1.0]
-    assert cfg.stop.time_budget == 120.0 and cfg.data.limit is None
+    assert cfg.clients.speeds == [0.25] and cfg.client_speeds == [0.25, 0.25, 0.25]
+    assert cfg.stop.time_budget == 20.0 and cfg.data.limit is None
     assert "limit" not in cfg.to_dict()["data"]
 
 
@@ -37,7 +37,7 @@ def test_toml_roundtrip_defaults_and_changed():
         "method=sync", "clock=real", "seed=7", "clients.count=2", "clients.speeds=[1, 2.5]",
         'data.source="folder"', 'data.root="C:\\\\img \\"x\\"\\n\\u007f é"', "data.limit=500",
         "stop.time_budget=none", "stop.max_rounds=4", "stop.target_accuracy=0.9",
-        "clients.round_timeout=1e-5", "cost.bandwidth=inf", "data.download=true"])
+        "distill.learning_rate=1e-5", "cost.bandwidth=inf", "data.download=true"])
     assert cfg.data.root == 'C:\\img "x"\n\x7f é' and cfg.stop.time_budget is None
     assert roundtrip(cfg) == cfg
     assert cfg.client_speeds == [1.0, 2.5]
@@ -88,7 +88,7 @@ def test_overrides_of_each_type():
     cfg = with_overrides(Config(), [
         "clients.count=5", "clients.learning_rate=1", "data.keep_proxy_labels=true",
         "models.norm=group", "clients.speeds=[1, 2, 3, 4, 5]", "seed=3",
-        "data.limit=1000", "clients.round_timeout=2.5"])
+        "data.limit=1000", "stop.max_rounds=7"])
     assert cfg.clients.count == 5 and cfg.seed == 3
     assert cfg.clients.learning_rate == 1.0 and isinstance(cfg.clients.learning_rate, float)
     assert cfg.data.keep_proxy_labels is True and cfg.models.norm == "group"

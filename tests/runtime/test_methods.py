@@ -12,7 +12,7 @@ TINY = [
     "models.global_width=0.25", "models.small_width=0.25", "clients.batch_size=32",
     "distill.batch_size=16", "distill.steps_per_chunk=2", "cost.mode=fixed",
     "cost.client_seconds_per_example=0.01", "cost.server_seconds_per_example=0.01",
-    "cost.latency=0.05", "stop.time_budget=6", "stop.eval_interval=1.5",
+    "cost.latency=0.05", "stop.time_budget=6", "stop.eval_interval=1.5", "clients.speeds=[1.0]",
 ]
 
 
