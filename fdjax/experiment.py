@@ -120,7 +120,7 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     shape, classes = splits.train.image_shape, splits.train.num_classes
     large_spec = (m.global_preset, shape, classes, m.global_width, m.norm)
     small_spec = (m.small_preset, shape, classes, m.small_width, m.norm)
-    large, small = _program("model", *large_spec), _program("model", *small_spec)
+    large = _program("model", *large_spec)
     client_spec = small_spec if method.clients_train == "small" else large_spec
     client_model = _program("model", *client_spec)
     key = jax.random.key(config.seed)

@@ -1,4 +1,7 @@
-"""The runtime: compiled programs of the core (and, later, nodes, clocks and backends)."""
+"""The runtime: compiled programs of the core, clocks, channels and the nodes of a run.
+
+It holds no learning math: nodes call ``fdjax.core`` through the compiled programs.
+"""
 
 from fdjax.runtime.compiled import DRIVERS, Distiller, Evaluator, LocalTrainer, resolve_driver
 
