@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,6 +44,9 @@ class Run:
         small_params: final parameters of the small model (None for ``fedavg-large``).
         events: the node event log (start and end of training, rounds, distillation chunks).
         devices: per device, the (start, end, node) interval of every computation it ran.
+        timing: wall seconds of the whole run (``wall_seconds``), of the compiled compute it
+            executed, evaluation included (``compute_seconds``), and of the extra first calls
+            that compiled programs (``compile_seconds``).
         out_dir: where the run was written, if anywhere.
     """
 
@@ -54,6 +58,7 @@ class Run:
     small_params: Any
     events: list[dict]
     devices: dict[str, list[tuple[float, float, str]]]
+    timing: dict[str, float]
     out_dir: Path | None = None
 
     def summary(self, target: float | None = None) -> dict:
@@ -222,12 +227,15 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
                      events=ctx.events, duration=clock.now(), devices=devices)
 
     loop = clock.new_loop()
+    wall = time.perf_counter()
     try:
         loop.run_until_complete(main())
     finally:
         loop.close()
+    timing = {"wall_seconds": time.perf_counter() - wall, "compute_seconds": clock.compute_seconds,
+              "compile_seconds": clock.compile_seconds}
     result = Run(config, rows, state["nodes"], state["staleness"], state["global_params"],
-                 state["small_params"], state["events"], state["devices"], out)
+                 state["small_params"], state["events"], state["devices"], timing, out)
     if out is not None:
         _write_outputs(result, state["duration"])
     return result
@@ -255,7 +263,8 @@ def _save_params(path: Path, params: Any) -> None:
 def _write_outputs(result: Run, duration: float) -> None:
     out = result.out_dir
     (out / "nodes.json").write_text(json.dumps(
-        {"duration": duration, "nodes": result.nodes, "staleness": result.staleness}, indent=1))
+        {"duration": duration, "nodes": result.nodes, "staleness": result.staleness,
+         "timing": result.timing}, indent=1))
     _save_params(out / "global_params.npz", result.global_params)
     if result.small_params is not None:
         _save_params(out / "small_params.npz", result.small_params)

@@ -270,9 +270,11 @@ class Observer:
 
     def evaluate(self) -> dict:
         row = {"time": self.ctx.clock.now(), "wall_time": time.perf_counter() - self.wall_start}
-        row["global_accuracy"] = self.global_eval(self.global_model(), self.test)["accuracy"]
-        row["small_accuracy"] = (self.small_eval(self.small_model(), self.test)["accuracy"]
-                                 if self.small_model is not None else None)
+        timed = self.ctx.clock.timed
+        row["global_accuracy"] = timed(
+            lambda: self.global_eval(self.global_model(), self.test))[0]["accuracy"]
+        row["small_accuracy"] = (timed(lambda: self.small_eval(self.small_model(), self.test))[0]
+                                 ["accuracy"] if self.small_model is not None else None)
         return row
 
     async def run(self) -> None:

@@ -146,3 +146,10 @@ def test_a_real_clock_run_finishes_and_overlaps_training_with_distillation():
     assert result.rows[-1]["time"] == pytest.approx(8, abs=3)
     assert overlaps(intervals(result, "client0") + intervals(result, "client1"),
                     intervals(result, "distillation"))
+
+
+def test_timing_separates_compute_from_the_runs_wall_time():
+    result = run(tiny("async-continuous", "cost.mode=measured"))
+    t = result.timing
+    assert 0 < t["compute_seconds"] <= t["wall_seconds"]
+    assert 0 <= t["compile_seconds"] < t["wall_seconds"]
