@@ -63,8 +63,13 @@ class Run:
 
     def summary(self, target: float | None = None) -> dict:
         """Time to ``target`` (default: the config's, else 0.6), final accuracy, idle fractions."""
-        target = target or self.config.stop.target_accuracy or 0.6
-        return report.summarize_run(self.rows, self.nodes, target)
+        return report.summarize_run(self.rows, self.nodes, report_target(self.config, target))
+
+
+def report_target(config: Config, target: float | None = None) -> float:
+    """The accuracy whose time reports give: ``target``, else the config's, else 0.6 (the
+    paper's)."""
+    return target or config.stop.target_accuracy or 0.6
 
 
 def _optimizer(name: str, learning_rate: float):
@@ -314,7 +319,7 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
             cfg = seeded.replace(method=name)
             run_dir = out / name / f"seed{cfg.seed}" if out is not None else None
             runs[name].append(run(cfg, run_dir, data=data, on_row=on_row))
-    target = target or config.stop.target_accuracy or 0.6
+    target = report_target(config, target)
     reference = "sync-fwd" if "sync-fwd" in methods else None
     comparison = Comparison(config, runs, target, reference)
     if out is not None:

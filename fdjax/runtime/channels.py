@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -30,6 +30,14 @@ class Network:
 
     def delay(self, nbytes: int) -> float:
         return self.latency + nbytes / self.bandwidth
+
+    def deliver(self, nbytes: int, sender: "NodeStats", arrive: Callable[..., None],
+                *args: Any) -> None:
+        """Books one message of ``nbytes`` on ``sender`` and calls ``arrive(*args)`` after the
+        network delay; the sender does not wait."""
+        sender.messages += 1
+        sender.bytes += nbytes
+        asyncio.get_running_loop().call_later(self.delay(nbytes), arrive, *args)
 
 
 @dataclasses.dataclass
@@ -60,10 +68,7 @@ class Mailbox:
         return self._queue
 
     def send(self, message: Any, nbytes: int, sender: NodeStats) -> None:
-        sender.messages += 1
-        sender.bytes += nbytes
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.network.delay(nbytes), self.queue.put_nowait, message)
+        self.network.deliver(nbytes, sender, self.queue.put_nowait, message)
 
     async def receive(self) -> Any:
         return await self.queue.get()
@@ -92,10 +97,7 @@ class Register:
         return self._changed
 
     def publish(self, value: Any, version: int, nbytes: int, sender: NodeStats) -> None:
-        sender.messages += 1
-        sender.bytes += nbytes
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.network.delay(nbytes), self._arrive, value, version)
+        self.network.deliver(nbytes, sender, self._arrive, value, version)
 
     def _arrive(self, value: Any, version: int) -> None:
         if version > self.version:  # a late, older message never replaces a newer one
