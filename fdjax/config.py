@@ -122,6 +122,10 @@ class DataConfig(_Section):
     root: str | None = _f(None)
     limit: int | None = _f(None, _ge(1))
     test_limit: int | None = _f(None, _ge(1))
+    # The split accuracy is reported on. A slice of the training split (for instance
+    # "train[45000:47000]" with data.limit = 45000) is a validation set for tuning settings
+    # without looking at the test split.
+    test_split: str = _f("test")
     partition: str = _f("iid", _one_of("iid", "dirichlet", "shards"))
     alpha: float = _f(0.5, _gt(0))
     shards_per_client: int = _f(2, _ge(1))
@@ -190,6 +194,9 @@ class DistillConfig(_Section):
     forward_every: int = _f(5, _ge(1))  # async-fwd: forward-distil after every N reverse chunks
     batch_size: int = _f(64, _ge(1))
     label_weight: float = _f(0.0, _within(0, 1))
+    # Label-free augmentation of distillation batches; "flip_crop" is the CIFAR recipe (digits
+    # are not mirror-symmetric, so the embedded default keeps "none").
+    augment: str = _f("none", _one_of("none", "flip", "flip_crop"))
     optimizer: str = _f("adam", _one_of(*_OPTIMIZERS))
     learning_rate: float = _f(1e-3, _gt(0))
     mix_alpha: float = _f(0.5, _within(0, 1))
@@ -201,7 +208,10 @@ class CostConfig(_Section):
     """How compute and communication time is charged on the run's clock."""
 
     _section: ClassVar[str] = "cost"
-    mode: str = _f("measured", _one_of("measured", "fixed"))
+    # "measured": each call's wall time; "calibrated": each program's fastest of a few timed calls,
+    # then that cost for every call (the same cost for every method of a comparison, and little
+    # affected by other load on the machine); "fixed": the per-example costs below.
+    mode: str = _f("measured", _one_of("measured", "calibrated", "fixed"))
     client_seconds_per_example: float = _f(0.002, _ge(0))
     server_seconds_per_example: float = _f(0.001, _ge(0))
     latency: float = _f(0.01, _ge(0))

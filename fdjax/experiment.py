@@ -45,8 +45,9 @@ class Run:
         events: the node event log (start and end of training, rounds, distillation chunks).
         devices: per device, the (start, end, node) interval of every computation it ran.
         timing: wall seconds of the whole run (``wall_seconds``), of the compiled compute it
-            executed, evaluation included (``compute_seconds``), and of the extra first calls
-            that compiled programs (``compile_seconds``).
+            executed, evaluation included (``compute_seconds``), of the extra first calls
+            that compiled or calibrated programs (``compile_seconds``), and with a calibrated
+            cost the seconds charged per call (``calibrated_seconds_per_call``).
         out_dir: where the run was written, if anywhere.
     """
 
@@ -91,10 +92,11 @@ def _program(kind: str, *settings: Any) -> Any:
         return LocalTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
                             batch_size)
     if kind == "distiller":
-        student, teacher, optimizer, learning_rate, batch_size, steps, temperature, weight = settings
+        (student, teacher, optimizer, learning_rate, batch_size, steps, temperature, weight,
+         augment) = settings
         return Distiller(_program("model", *student), _program("model", *teacher),
                          _optimizer(optimizer, learning_rate), batch_size, steps, temperature,
-                         weight)
+                         weight, augment)
     if kind == "evaluator":
         return Evaluator(_program("model", *settings))
     raise ValueError(f"unknown program kind {kind!r}")
@@ -104,7 +106,8 @@ def prepare_data(config: Config):
     """Loads the dataset and splits it into clients and the proxy set (same for every method)."""
     d = config.data
     splits = load_splits(d.source, name=d.name, data_dir=d.data_dir, download=d.download,
-                         root=d.root, limit=d.limit, test_limit=d.test_limit, seed=config.seed)
+                         root=d.root, test_split=d.test_split, limit=d.limit,
+                         test_limit=d.test_limit, seed=config.seed)
     fed = split_federated(splits.train, config.clients.count, scheme=d.partition,
                           proxy_size=d.proxy_size, keep_proxy_labels=d.keep_proxy_labels,
                           seed=config.seed, alpha=d.alpha,
@@ -170,7 +173,7 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         if method.distill_mode is not None:
             dc = config.distill
             settings = (dc.optimizer, dc.learning_rate, dc.batch_size, dc.steps_per_chunk,
-                        dc.temperature, dc.label_weight)
+                        dc.temperature, dc.label_weight, dc.augment)
             reverse = _program("distiller", large_spec, small_spec, *settings)
             forward = (_program("distiller", small_spec, large_spec, *settings)
                        if method.forward else None)
@@ -239,6 +242,8 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         loop.close()
     timing = {"wall_seconds": time.perf_counter() - wall, "compute_seconds": clock.compute_seconds,
               "compile_seconds": clock.compile_seconds}
+    if clock.calibrated:
+        timing["calibrated_seconds_per_call"] = dict(sorted(clock.calibrated.items()))
     result = Run(config, rows, state["nodes"], state["staleness"], state["global_params"],
                  state["small_params"], state["events"], state["devices"], timing, out)
     if out is not None:

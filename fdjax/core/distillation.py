@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdjax.core.augment import augment_images
 from fdjax.core.training import ApplyFn, Metrics, TrainState, sample_plan, scan_steps
 
 
@@ -59,19 +60,22 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temp
 def distill_step(state: TrainState, teacher_params: Any, batch: dict[str, jax.Array],
                  key: jax.Array, *, student_apply: ApplyFn, teacher_apply: ApplyFn,
                  optimizer: optax.GradientTransformation, temperature: float,
-                 label_weight: float = 0.0) -> tuple[TrainState, Metrics]:
+                 label_weight: float = 0.0, augment: str = "none") -> tuple[TrainState, Metrics]:
     """One optimizer step of the student towards the teacher on ``batch``.
+
+    ``augment`` (see ``fdjax.core.augment``) draws a fresh flipped/cropped view of the batch from
+    ``key``; teacher and student see the same view.
 
     Returns the new student state and summed metrics: ``loss_sum`` (distillation loss),
     ``agree`` (examples where student and teacher predict the same class) and ``count``.
     """
-    del key
-    teacher_logits = teacher_apply(teacher_params, batch["images"])
+    images = augment_images(batch["images"], key, augment)
+    teacher_logits = teacher_apply(teacher_params, images)
     labels = batch.get("labels") if label_weight else None
     mask = batch["mask"]
 
     def loss_fn(params):
-        student_logits = student_apply(params, batch["images"])
+        student_logits = student_apply(params, images)
         loss = distillation_loss(student_logits, teacher_logits, temperature, mask, labels,
                                  label_weight)
         return loss, student_logits
@@ -95,7 +99,7 @@ def scan_distill_chunk(state: TrainState, teacher_params: Any, data: dict[str, j
     """A chunk of ``steps`` distillation steps as one ``lax.scan``.
 
     ``step_settings`` are ``distill_step``'s keyword arguments (apply functions, optimizer,
-    temperature, label weight).
+    temperature, label weight, augmentation).
     """
     plan_key, step_key = jax.random.split(key)
     plan = distill_plan(plan_key, data["images"].shape[0], batch_size, steps)

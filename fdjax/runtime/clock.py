@@ -11,7 +11,9 @@ to a thread would let the clock jump past it.
 
 ``Device`` models a machine: a speed (compute costs are divided by it) and a number of slots (how
 many computations it runs at once; nodes on a one-slot device never overlap). ``Clock.compute``
-runs a function on a device and charges its cost, either measured or fixed.
+runs a function on a device and charges its cost: measured (each call's wall time), calibrated
+(each program's fastest of a few timed calls, then that figure for every call) or fixed (per
+example).
 """
 
 from __future__ import annotations
@@ -72,13 +74,26 @@ class Device:
 class Cost:
     """How compute is charged: measured wall time, or a fixed time per example."""
 
-    mode: str = "measured"  # "measured" or "fixed"
+    mode: str = "measured"  # "measured", "calibrated" or "fixed"
     seconds_per_example: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in COST_MODES:
+            raise ValueError(f"unknown cost mode {self.mode!r}; choose one of {list(COST_MODES)}")
+
+
+COST_MODES = ("measured", "calibrated", "fixed")
+#: Timed calls whose fastest is a program's calibrated cost. Other load on the machine only ever
+#: adds time, so the minimum is the figure closest to the program's own cost.
+CALIBRATION_CALLS = 3
 
 
 #: Programs (compiled objects and their input sizes) whose first call has run in this process;
 #: jit caches live as long as the programs, so a later run need not compile them again.
 _COMPILED: set[Any] = set()
+#: Calibrated wall seconds per call of each program, shared by every run of the process, so all
+#: methods of a comparison are charged the same for the same work.
+_CALIBRATED: dict[Any, float] = {}
 
 
 class Clock:
@@ -96,6 +111,8 @@ class Clock:
         #: calls that compiled a program; the simulation-overhead benchmark divides by them.
         self.compute_seconds = 0.0
         self.compile_seconds = 0.0
+        #: "node label" -> calibrated seconds per call, for the run's record.
+        self.calibrated: dict[str, float] = {}
 
     def new_loop(self) -> asyncio.AbstractEventLoop:
         """The event loop a run executes on (its ``time()`` is the run's clock)."""
@@ -111,14 +128,17 @@ class Clock:
         await asyncio.sleep(max(0.0, seconds))
 
     async def compute(self, device: Device, fn: Callable[[], Any], *, cost: Cost,
-                      examples: int = 0, program: Any = None, node: str = ""
-                      ) -> tuple[Any, float]:
+                      examples: int = 0, program: Any = None, node: str = "",
+                      label: str = "") -> tuple[Any, float]:
         """Runs ``fn()`` on ``device``; returns its result and the time it was charged.
 
         In virtual mode the call runs now, blocking, and the node then holds the device for the
-        charged time. With a measured cost the first call of each ``program`` is run twice and
-        the second timed, so compilation is never charged (once per process: compiled programs
-        are shared by every run).
+        charged time. With a measured or calibrated cost the first call of each ``program`` is
+        run twice and the second timed, so compilation is never charged (once per process:
+        compiled programs are shared by every run). A calibrated cost times the first
+        ``CALIBRATION_CALLS`` calls of a program and charges their minimum for every call of it;
+        ``fn`` must be pure (the nodes' programs are) since it runs more than once. ``label``
+        names the computation in the calibration record.
         """
         async with device.semaphore:
             start = self.now()
@@ -134,7 +154,16 @@ class Clock:
                     # compile; pure functions give the same result again
                     self.timed(fn, compiling=True)
                     _COMPILED.add(program)
+                calibrated = cost.mode == "calibrated" and program is not None
+                calibrate = calibrated and program not in _CALIBRATED
+                extra = [self.timed(fn, compiling=True)[1]
+                         for _ in range(CALIBRATION_CALLS - 1)] if calibrate else []
                 result, wall = self.timed(fn)
+                if calibrate:
+                    _CALIBRATED[program] = min(extra + [wall])
+                if calibrated:
+                    wall = _CALIBRATED[program]
+                    self.calibrated[f"{node} {label}".strip()] = wall
                 charged = wall / device.speed
             await self.sleep(charged)
             device.intervals.append((start, self.now(), node))
@@ -145,7 +174,7 @@ class Clock:
         """Runs ``fn()`` to completion; returns its result and wall seconds.
 
         The seconds are added to ``compute_seconds``, or to ``compile_seconds`` for a call made
-        only to compile.
+        only to compile or calibrate.
         """
         start = time.perf_counter()
         result = jax.block_until_ready(fn())

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from fdjax.core import distillation, evaluation, training
+from fdjax.core.augment import AUGMENTATIONS
 from fdjax.core.models import Model
 from fdjax.core.training import TrainState
 
@@ -113,12 +114,13 @@ class Distiller:
         steps: steps per chunk.
         temperature: softening temperature, > 0.
         label_weight: cross-entropy weight in [0, 1] when the distillation set has labels.
+        augment: label-free augmentation of each batch, "none", "flip" or "flip_crop".
         driver: "auto", "loop" or "scan".
     """
 
     def __init__(self, student: Model, teacher: Model, optimizer: optax.GradientTransformation,
                  batch_size: int, steps: int, temperature: float = 2.0,
-                 label_weight: float = 0.0, driver: str = "auto"):
+                 label_weight: float = 0.0, augment: str = "none", driver: str = "auto"):
         if int(batch_size) < 1 or int(steps) < 1:
             raise ValueError(f"distillation batch_size and steps must be >= 1, got "
                              f"{batch_size} and {steps}")
@@ -126,12 +128,15 @@ class Distiller:
             raise ValueError(f"distillation temperature must be > 0, got {temperature}")
         if not 0 <= label_weight <= 1:
             raise ValueError(f"distillation label_weight must be in [0, 1], got {label_weight}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown distillation augmentation {augment!r}; choose one of "
+                             f"{list(AUGMENTATIONS)}")
         self.optimizer, self.batch_size, self.steps = optimizer, int(batch_size), int(steps)
         self.label_weight = float(label_weight)
         self.driver = resolve_driver(driver)
         settings = dict(student_apply=student.apply_fn, teacher_apply=teacher.apply_fn,
                         optimizer=optimizer, temperature=float(temperature),
-                        label_weight=self.label_weight)
+                        label_weight=self.label_weight, augment=augment)
         step = functools.partial(distillation.distill_step, **settings)
         self.step = _compile(functools.partial(training.planned_step, step))
         self.plan = _compile(distillation.distill_plan, static_argnums=(1, 2, 3))

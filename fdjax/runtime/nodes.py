@@ -83,7 +83,8 @@ class Client:
             self.ctx.log(self.name, "train_start", version=version)
             trained, charged = await self.ctx.clock.compute(
                 self.device, lambda: self.train(params, version), cost=self.cost,
-                examples=self.examples * self.epochs, program=(self.trainer, self.examples), node=self.name)
+                examples=self.examples * self.epochs, program=(self.trainer, self.examples), node=self.name,
+                label="train")
             self.stats.busy += charged
             self.ctx.log(self.name, "train_end", version=version)
             self.to_server.send(Update(self.index, trained, self.examples, version),
@@ -140,7 +141,8 @@ class AveragingServer:
                 weights = np.asarray([u.examples for u in accepted], np.float32)
                 self.params, charged = await self.ctx.clock.compute(
                     self.device, lambda: _fedavg(stacked, weights), cost=self.cost,
-                    examples=len(accepted), program=("fedavg", len(accepted)), node=self.name)
+                    examples=len(accepted), program=("fedavg", len(accepted)), node=self.name,
+                    label="fedavg")
                 self.stats.busy += charged
             self.round += 1
             self.ctx.log(self.name, "round_end", round=self.round, clients=len(accepted))
@@ -155,7 +157,7 @@ class AveragingServer:
             self.params, charged = await self.ctx.clock.compute(
                 self.device, lambda: _staleness_mix(self.params, distilled, staleness,
                                                self.mix_alpha, kind=self.staleness),
-                cost=self.cost, examples=1, program="mix", node=self.name)
+                cost=self.cost, examples=1, program="mix", node=self.name, label="mix")
             self.stats.busy += charged
             self.ctx.log(self.name, "mixed", version=version, staleness=staleness)
 
@@ -202,7 +204,7 @@ class DistillationServer:
         (self.state, _), charged = await self.ctx.clock.compute(
             self.device, lambda: self.reverse.chunk(self.state, teacher, self.proxy, key),
             cost=self.cost, examples=self.reverse.steps * self.reverse.batch_size,
-            program=self.reverse, node=self.name)
+            program=self.reverse, node=self.name, label="reverse")
         self.stats.busy += charged
         self.chunks += 1
         self.ctx.log(self.name, "reverse", version=version, staleness=self.staleness[-1],
@@ -217,7 +219,7 @@ class DistillationServer:
             (state, _), charged = await self.ctx.clock.compute(
                 self.device, lambda: distiller.chunk(state, self.params, self.proxy, key),
                 cost=self.cost, examples=distiller.steps * distiller.batch_size,
-                program=distiller, node=self.name)
+                program=distiller, node=self.name, label="forward")
             self.stats.busy += charged
         self.ctx.log(self.name, "forward", version=version)
         return state.params
