@@ -214,6 +214,10 @@ class CostConfig(_Section):
     mode: str = _f("measured", _one_of("measured", "calibrated", "fixed"))
     client_seconds_per_example: float = _f(0.002, _ge(0))
     server_seconds_per_example: float = _f(0.001, _ge(0))
+    # Fixed costs of the other programs, for a cost table measured per program (see
+    # experiments/paper_cifar10/calibrate.py); unset, they cost the same as the two above.
+    large_client_seconds_per_example: float | None = _f(None, _ge(0))  # fedavg-large clients
+    forward_seconds_per_example: float | None = _f(None, _ge(0))  # forward distillation
     latency: float = _f(0.01, _ge(0))
     bandwidth: float = _f(1.0e8, _gt(0))
 

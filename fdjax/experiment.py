@@ -8,6 +8,7 @@ Figure 2 and a table. The CLI only parses arguments into a config and calls thes
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -139,8 +140,15 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     key = jax.random.key(config.seed)
     clock = Clock(virtual=config.clock == "virtual")
     network = Network(config.cost.latency, config.cost.bandwidth)
-    client_cost = Cost(config.cost.mode, config.cost.client_seconds_per_example)
-    server_cost = Cost(config.cost.mode, config.cost.server_seconds_per_example)
+    c = config.cost
+    client_cost = Cost(c.mode, c.large_client_seconds_per_example
+                       if method.clients_train == "large" and
+                       c.large_client_seconds_per_example is not None
+                       else c.client_seconds_per_example)
+    server_cost = Cost(c.mode, c.server_seconds_per_example)
+    forward_cost = Cost(c.mode, c.server_seconds_per_example
+                        if c.forward_seconds_per_example is None
+                        else c.forward_seconds_per_example)
     trainer = _program("trainer", client_spec, config.clients.optimizer,
                        config.clients.learning_rate, config.clients.batch_size)
     test = as_device_data(splits.test.arrays())
@@ -182,7 +190,7 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
                 reverse, forward, as_device_data(fed.proxy.arrays()), server_cost,
                 jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
                 reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
-                forward_every=dc.forward_every)
+                forward_every=dc.forward_every, forward_cost=forward_cost)
             tasks.append(asyncio.ensure_future(distiller.run(averaging.params)))
         tasks.append(asyncio.ensure_future(averaging.run()))
         global_of = (lambda: distiller.params) if distiller else (lambda: averaging.params)
@@ -237,7 +245,7 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     loop = clock.new_loop()
     wall = time.perf_counter()
     try:
-        loop.run_until_complete(main())
+        _run_to_completion(loop, main())
     finally:
         loop.close()
     timing = {"wall_seconds": time.perf_counter() - wall, "compute_seconds": clock.compute_seconds,
@@ -249,6 +257,21 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     if out is not None:
         _write_outputs(result, state["duration"])
     return result
+
+
+def _run_to_completion(loop: asyncio.AbstractEventLoop, coroutine) -> None:
+    """Runs ``coroutine`` on ``loop``, on a worker thread if this thread already runs a loop.
+
+    Jupyter kernels run an event loop in the main thread, and asyncio allows one running loop
+    per thread; a run's own (possibly virtual-time) loop then gets a thread of its own.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        loop.run_until_complete(coroutine)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fdjax-run") as pool:
+        pool.submit(loop.run_until_complete, coroutine).result()
 
 
 def _prepare_out_dir(out_dir: str | Path | None, config: Config) -> Path | None:

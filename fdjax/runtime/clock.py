@@ -85,7 +85,7 @@ class Cost:
 COST_MODES = ("measured", "calibrated", "fixed")
 #: Timed calls whose fastest is a program's calibrated cost. Other load on the machine only ever
 #: adds time, so the minimum is the figure closest to the program's own cost.
-CALIBRATION_CALLS = 3
+CALIBRATION_CALLS = 2
 
 
 #: Programs (compiled objects and their input sizes) whose first call has run in this process;

@@ -173,15 +173,18 @@ class DistillationServer:
         forward: forward-distil the global model into the small model; in "sync" mode before
             every round, in "continuous" mode after every ``forward_every`` reverse chunks, sent
             to the averaging server to be mixed in.
+        forward_cost: how forward distillation is charged (default: as reverse, ``cost``).
     """
 
     def __init__(self, ctx: Context, device: Device, large_state: Any, reverse: Distiller,
                  forward_distiller: Distiller | None, proxy: dict, cost: Cost, key: jax.Array,
                  averages: Register, averaging: AveragingServer, mode: str,
-                 reverse_chunks: int = 1, forward_chunks: int = 1, forward_every: int = 1):
+                 reverse_chunks: int = 1, forward_chunks: int = 1, forward_every: int = 1,
+                 forward_cost: Cost | None = None):
         self.ctx, self.device, self.state = ctx, device, large_state
         self.reverse, self.forward_distiller = reverse, forward_distiller
         self.proxy, self.cost = proxy, cost
+        self.forward_cost = forward_cost or cost
         self.key, self.forward_key = jax.random.split(key)
         self.averages, self.averaging, self.mode = averages, averaging, mode
         self.reverse_chunks, self.forward_chunks = reverse_chunks, forward_chunks
@@ -218,7 +221,7 @@ class DistillationServer:
             key = jax.random.fold_in(jax.random.fold_in(self.forward_key, self.forwards), i)
             (state, _), charged = await self.ctx.clock.compute(
                 self.device, lambda: distiller.chunk(state, self.params, self.proxy, key),
-                cost=self.cost, examples=distiller.steps * distiller.batch_size,
+                cost=self.forward_cost, examples=distiller.steps * distiller.batch_size,
                 program=distiller, node=self.name, label="forward")
             self.stats.busy += charged
         self.ctx.log(self.name, "forward", version=version)

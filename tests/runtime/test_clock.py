@@ -48,8 +48,8 @@ def fresh_programs(monkeypatch):
 
 def test_calibrated_charges_the_fastest_calibration_call_for_every_call():
     # compile call, then CALIBRATION_CALLS timed calls (fastest 0.02 s), then slow later calls
-    durations = [0.3, 0.06, 0.02, 0.05, 0.2, 0.25]
-    assert CALIBRATION_CALLS == 3
+    durations = [0.3, 0.06, 0.02, 0.2, 0.25]
+    assert CALIBRATION_CALLS == 2
     clock, charged, calls = charges("calibrated", durations)
     assert calls == len(durations)
     assert len(charged) == 3
@@ -79,3 +79,24 @@ def test_a_calibrated_run_charges_each_computation_its_calibrated_cost():
 def test_unknown_cost_mode_is_rejected():
     with pytest.raises(ValueError, match="unknown cost mode"):
         Cost("guessed")
+
+
+def spans(result, node):
+    return [end - start for device in result.devices.values() for start, end, n in device
+            if n == node]
+
+
+def test_fixed_costs_charge_forward_distillation_and_large_clients_their_own_rates():
+    fwd = run(load_config(None, TINY + ["method=sync-fwd", "cost.forward_seconds_per_example=0.02"]))
+    examples = 2 * 16  # distill.steps_per_chunk * distill.batch_size in TINY
+    distill = spans(fwd, "distillation")
+    forwards = [e for e in fwd.events if e["event"] == "forward"]
+    assert forwards and len(distill) > len(forwards)
+    assert sorted(distill)[-len(forwards):] == pytest.approx([examples * 0.02] * len(forwards))
+    assert sorted(distill)[:-len(forwards)] == pytest.approx(
+        [examples * 0.01] * (len(distill) - len(forwards)))
+
+    large = run(load_config(None, TINY + ["method=fedavg-large",
+                                          "cost.large_client_seconds_per_example=0.03"]))
+    per_client = (240 - 48) // 3  # TINY: data.limit minus the proxy, over three clients
+    assert spans(large, "client0") == pytest.approx([per_client * 0.03] * len(spans(large, "client0")))
