@@ -1,0 +1,158 @@
+"""Reproduce the paper's Figure 2 and table on CIFAR-10, and go beyond it.
+
+Three studies, all on one config (``config.toml`` here: CPU scale; ``config_gpu.toml``: full
+width), each run written to ``<out>/<partition>/<method>/seed<k>/``:
+
+* ``iid``: the paper's four methods, ``async-fwd`` (beyond the paper) and ``fedavg-large``
+  (reference), seed 0, IID clients;
+* ``seeds``: ``sync-fwd``, ``async-continuous`` and ``async-fwd`` on seeds 1 and 2, so the
+  beyond-paper claim rests on three seeds;
+* ``noniid``: the paper's four methods and ``async-fwd`` with Dirichlet(0.5) client data.
+
+A run whose directory already holds a finished run (``nodes.json``) is skipped, so a study that
+was stopped continues where it left off. ``--report`` only rebuilds ``results.json``,
+``results.md`` and the figures from the run directories.
+
+    python experiments/paper_cifar10/run.py --study iid [--data-dir DIR] [--set KEY=VALUE ...]
+    python experiments/paper_cifar10/run.py --report
+
+Costs are calibrated (``cost.mode = "calibrated"``): each program is charged the fastest of a few
+timed calls, the same for every method run by one process, so the methods differ only in how
+they schedule the same work. Run the studies you want in one process (``--study iid seeds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+PAPER_SECONDS = {"sync-fwd": 436.0, "sync": 406.0, "async-round": 308.0, "async-continuous": 244.0}
+STUDIES = {
+    "iid": ("iid", ["sync-fwd", "sync", "async-round", "async-continuous", "async-fwd",
+                    "fedavg-large"], [0]),
+    "seeds": ("iid", ["sync-fwd", "async-continuous", "async-fwd"], [1, 2]),
+    "noniid": ("dirichlet", ["sync-fwd", "sync", "async-round", "async-continuous",
+                             "async-fwd"], [0]),
+}
+TARGET = 0.6
+
+
+def default_data_dir() -> str:
+    return os.environ.get("FDJAX_TFDS_DIR", str(REPO.parent / "shared" / "data" / "tfds"))
+
+
+def run_studies(args) -> None:
+    from tqdm import tqdm
+
+    from fdjax.config import load_config
+    from fdjax.experiment import prepare_data, run
+
+    for study in args.study:
+        partition, methods, seeds = STUDIES[study]
+        for seed in seeds:
+            cfg = load_config(args.config, [f"data.data_dir={args.data_dir}", *args.set,
+                                            f"data.partition={partition}", f"seed={seed}"])
+            data = None
+            for method in methods:
+                run_dir = args.out / partition / method / f"seed{seed}"
+                if (run_dir / "nodes.json").exists():
+                    print(f"skip {run_dir} (finished)", flush=True)
+                    continue
+                data = data or prepare_data(cfg)
+                budget = cfg.stop.time_budget
+                with tqdm(total=budget, desc=f"{partition} {method} seed{seed}",
+                          unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} virtual s "
+                          "[{elapsed}<{remaining}] {postfix}") as bar:
+                    def on_row(row, bar=bar):
+                        bar.update(min(row["time"], budget) - bar.n)
+                        bar.set_postfix_str(f"global {row['global_accuracy']:.3f} "
+                                            f"small {row['small_accuracy'] or 0:.3f}")
+                    result = run(cfg.replace(method=method), run_dir, data=data, on_row=on_row)
+                print(f"{partition} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s "
+                      f"wall, {result.summary(TARGET)}", flush=True)
+        write_report(args.out)
+
+
+def load_runs(out: Path, partition: str) -> dict[str, list[dict]]:
+    """method -> finished runs (rows, nodes, timing) of one partition, in seed order."""
+    runs: dict[str, list[dict]] = {}
+    for nodes_file in sorted((out / partition).glob("*/seed*/nodes.json")):
+        run_dir = nodes_file.parent
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+        record = json.loads(nodes_file.read_text())
+        runs.setdefault(run_dir.parent.name, []).append(
+            {"rows": rows, "nodes": record["nodes"], "timing": record["timing"],
+             "seed": int(run_dir.name.removeprefix("seed"))})
+    return runs
+
+
+def write_report(out: Path) -> None:
+    from fdjax import report
+
+    everything, sections = {}, []
+    order = list(STUDIES["iid"][1])
+    for partition, title in (("iid", "IID clients"), ("dirichlet", "Dirichlet(0.5) clients")):
+        runs = load_runs(out, partition)
+        if not runs:
+            continue
+        runs = {m: sorted(runs[m], key=lambda r: r["seed"]) for m in order if m in runs}
+        summaries = {m: [report.summarize_run(r["rows"], r["nodes"], TARGET) for r in rs]
+                     for m, rs in runs.items()}
+        results = report.results_json(summaries, TARGET, "sync-fwd" if "sync-fwd" in runs else None)
+        for method, summary in results["methods"].items():
+            summary["paper_ratio"] = (PAPER_SECONDS[method] / PAPER_SECONDS["sync-fwd"]
+                                      if method in PAPER_SECONDS else None)
+            summary["seeds_run"] = [r["seed"] for r in runs[method]]
+            summary["wall_seconds"] = [round(r["timing"]["wall_seconds"], 1)
+                                       for r in runs[method]]
+        seed0 = {m: [r["rows"] for r in rs if r["seed"] == 0] for m, rs in runs.items()}
+        report.plot_accuracy({m: c for m, c in seed0.items() if c}, out / f"figure_{partition}.png",
+                             target=TARGET, title=f"CIFAR-10, {title}: global model (seed 0)")
+        report.plot_accuracy({m: [r["rows"] for r in rs] for m, rs in runs.items()},
+                             out / f"figure_{partition}_seeds.png", target=TARGET,
+                             title=f"CIFAR-10, {title}: global model, all seeds")
+        everything[partition] = results
+        sections.append((title, partition, results))
+    if not everything:
+        print("no finished runs to report", file=sys.stderr)
+        return
+    everything["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    (out / "results.json").write_text(json.dumps(everything, indent=1))
+    lines = ["# CIFAR-10 results (generated by run.py --report)", ""]
+    for title, partition, results in sections:
+        lines += [f"## {title}", "", report.table_markdown(results), "",
+                  "| method | time to 60% / sync-fwd (here) | paper |", "|---|---|---|"]
+        for method, summary in results["methods"].items():
+            ratio = summary.get("ratio_to_reference")
+            paper = summary.get("paper_ratio")
+            lines.append(f"| {method} | {'—' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{'—' if paper is None else f'{paper:.2f}'} |")
+        lines += ["", f"![{title}](figure_{partition}.png)", ""]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'results.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(HERE / "config.toml"))
+    parser.add_argument("--data-dir", default=default_data_dir())
+    parser.add_argument("--study", nargs="+", choices=list(STUDIES), default=["iid"])
+    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report")
+    args = parser.parse_args()
+    if args.report:
+        write_report(args.out)
+    else:
+        run_studies(args)
+
+
+if __name__ == "__main__":
+    main()
