@@ -206,3 +206,12 @@ def test_bad_values_in_file_name_the_key(tmp_path):
         load_config(path)
     # An override applied after the file can fix a bad file value.
     assert load_config(path, ["clients.count=3"]).clients.count == 3
+
+
+def test_every_recorded_experiment_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*/config*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)

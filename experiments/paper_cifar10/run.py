@@ -9,8 +9,9 @@ width), each run written to ``<out>/<partition>/<method>/seed<k>/``:
   beyond-paper claim rests on three seeds;
 * ``noniid``: the paper's four methods and ``async-fwd`` with Dirichlet(0.5) client data.
 
-A run whose directory already holds a finished run (``nodes.json``) is skipped, so a study that
-was stopped continues where it left off. ``--report`` only rebuilds ``results.json``,
+A run whose directory already holds a finished run (``nodes.json``), or one that another live
+process is running (``running.pid``), is skipped, so a study that was stopped continues where it
+left off, and several processes can share a study (``--methods`` picks and orders the methods). ``--report`` only rebuilds ``results.json``,
 ``results.md`` and the figures from the run directories.
 
     python experiments/paper_cifar10/run.py --study iid [--data-dir DIR] [--set KEY=VALUE ...]
@@ -59,11 +60,15 @@ def run_studies(args) -> None:
             cfg = load_config(args.config, [f"data.data_dir={args.data_dir}", *args.set,
                                             f"data.partition={partition}", f"seed={seed}"])
             data = None
-            for method in methods:
-                run_dir = args.out / partition / method / f"seed{seed}"
-                if (run_dir / "nodes.json").exists():
-                    print(f"skip {run_dir} (finished)", flush=True)
+            for method in args.methods or methods:
+                if method not in methods:
                     continue
+                run_dir = args.out / partition / method / f"seed{seed}"
+                if (run_dir / "nodes.json").exists() or running_elsewhere(run_dir):
+                    print(f"skip {run_dir} (finished or running)", flush=True)
+                    continue
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "running.pid").write_text(str(os.getpid()))
                 data = data or prepare_data(cfg)
                 budget = cfg.stop.time_budget
                 with tqdm(total=budget, desc=f"{partition} {method} seed{seed}",
@@ -74,9 +79,20 @@ def run_studies(args) -> None:
                         bar.set_postfix_str(f"global {row['global_accuracy']:.3f} "
                                             f"small {row['small_accuracy'] or 0:.3f}")
                     result = run(cfg.replace(method=method), run_dir, data=data, on_row=on_row)
+                (run_dir / "running.pid").unlink()
                 print(f"{partition} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s "
                       f"wall, {result.summary(TARGET)}", flush=True)
         write_report(args.out)
+
+
+def running_elsewhere(run_dir: Path) -> bool:
+    """Whether a live process other than this one is running ``run_dir``."""
+    try:
+        pid = int((run_dir / "running.pid").read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return pid != os.getpid()
 
 
 def load_runs(out: Path, partition: str) -> dict[str, list[dict]]:
@@ -144,6 +160,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(HERE / "config.toml"))
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--study", nargs="+", choices=list(STUDIES), default=["iid"])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="run only these methods of the studies, in this order")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
