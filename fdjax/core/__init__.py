@@ -3,9 +3,11 @@
 Every function here is pure and un-jitted; ``fdjax.runtime.compiled`` jits them once per node.
 """
 
-from fdjax.core.aggregation import (StreamingAverage, check_weights, fedavg, mix, stack_trees,
+from fdjax.core.aggregation import (AGGREGATION_RULES, StreamingAverage, aggregate,
+                                    check_weights, coordinate_median, fedavg, mix, stack_trees,
                                     staleness_mix, staleness_weight, streaming_add,
-                                    streaming_init, streaming_result, validate_update)
+                                    streaming_init, streaming_result, trimmed_mean,
+                                    validate_update)
 from fdjax.core.distillation import distill_step, distillation_loss, kl_divergence
 from fdjax.core.evaluation import evaluate
 from fdjax.core.models import CNN, PRESETS, Model, count_params, make_model
@@ -13,9 +15,9 @@ from fdjax.core.training import (OptimizerSettings, TrainState, init_train_state
                                  summarize, train_step)
 
 __all__ = [
-    "CNN", "PRESETS", "Model", "OptimizerSettings", "StreamingAverage", "TrainState",
-    "check_weights", "count_params", "distill_step", "distillation_loss", "evaluate", "fedavg",
+    "AGGREGATION_RULES", "CNN", "PRESETS", "Model", "OptimizerSettings", "StreamingAverage",
+    "TrainState", "aggregate", "check_weights", "coordinate_median", "count_params", "distill_step", "distillation_loss", "evaluate", "fedavg",
     "init_train_state", "kl_divergence", "make_model", "make_optimizer", "mix", "stack_trees",
     "staleness_mix", "staleness_weight", "streaming_add", "streaming_init", "streaming_result",
-    "summarize", "train_step", "validate_update",
+    "summarize", "train_step", "trimmed_mean", "validate_update",
 ]

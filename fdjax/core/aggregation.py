@@ -1,8 +1,11 @@
-"""Aggregation of client models: FedAvg (batch and streaming), staleness mixing, and validation.
+"""Aggregation of client models: FedAvg (batch and streaming), robust rules, staleness mixing,
+and validation.
 
 FedAvg works on *stacked* trees, whose leaves carry a leading client axis, so the same code serves a
 handful of clients or a ``vmap``-ed cohort. Weights are example counts (or any non-negative numbers)
-and need not sum to one.
+and need not sum to one. The robust rules (coordinate-wise median, trimmed mean) work on the same
+stacked trees and bound how far one bad client can move the result; ``aggregate`` picks a rule by
+name.
 
 Averages are computed around an anchor, the first client's model:
 ``x_0 + sum_i w_i (x_i - x_0) / sum_i w_i``. Client models in a round are close to one another, so
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 STALENESS_KINDS = ("constant", "polynomial", "hinge")
+AGGREGATION_RULES = ("fedavg", "median", "trimmed_mean")
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -71,6 +75,68 @@ def fedavg(stacked: Any, weights: jax.Array) -> Any:
         return (anchor + jnp.tensordot(w, delta, axes=1) / total).astype(leaf.dtype)
 
     return jax.tree_util.tree_map(average, stacked)
+
+
+def coordinate_median(stacked: Any) -> Any:
+    """Coordinate-wise median over the leading (client) axis (Yin et al., 2018).
+
+    Unweighted: a client cannot buy influence by claiming more examples. While fewer than half of
+    the clients are bad, every coordinate of the result lies within the range of the good clients'
+    values, however large the bad ones are. Unlike ``fedavg`` it is not computed around client 0's
+    model: that client may be the bad one, and differences from a huge model would wipe out the
+    good ones' digits.
+    """
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.median(leaf.astype(jnp.float32), axis=0).astype(leaf.dtype), stacked)
+
+
+def trimmed_count(num_clients: int, trim_fraction: float) -> int:
+    """How many values ``trimmed_mean`` drops at each end: ``floor(trim_fraction * num_clients)``."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    return int(math.floor(trim_fraction * num_clients))
+
+
+def trimmed_mean(stacked: Any, trim_fraction: float = 0.1) -> Any:
+    """Coordinate-wise trimmed mean over the leading (client) axis (Yin et al., 2018).
+
+    For each coordinate, drops the ``k = floor(trim_fraction * clients)`` smallest and ``k`` largest
+    client values and averages the rest (unweighted). With ``k >= b``, ``b`` bad clients cannot
+    move any coordinate outside the range of the good clients' values. ``trim_fraction`` must be a
+    static Python float under ``jit``.
+    """
+    leaves = jax.tree_util.tree_leaves(stacked)
+    n = int(leaves[0].shape[0]) if leaves else 0
+    k = trimmed_count(n, trim_fraction)
+
+    def one(leaf):
+        # Around the median, a robust centre: small differences keep their digits whatever the
+        # outliers are, and identical client models come back bit for bit.
+        values = leaf.astype(jnp.float32)
+        centre = jnp.median(values, axis=0)
+        kept = jnp.sort(values - centre[None], axis=0)[k:n - k]
+        return (centre + jnp.mean(kept, axis=0)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map(one, stacked)
+
+
+def aggregate(stacked: Any, weights: jax.Array, rule: str = "fedavg",
+              trim_fraction: float = 0.1) -> Any:
+    """Aggregates stacked client models with the named rule.
+
+    Args:
+        stacked: a tree whose leaves have shape ``[clients, ...]``.
+        weights: ``[clients]`` example counts; only "fedavg" uses them.
+        rule: "fedavg", "median" or "trimmed_mean" (static under ``jit``).
+        trim_fraction: the share trimmed at each end by "trimmed_mean" (static under ``jit``).
+    """
+    if rule == "fedavg":
+        return fedavg(stacked, weights)
+    if rule == "median":
+        return coordinate_median(stacked)
+    if rule == "trimmed_mean":
+        return trimmed_mean(stacked, trim_fraction)
+    raise ValueError(f"unknown aggregation rule {rule!r}; choose one of {list(AGGREGATION_RULES)}")
 
 
 class StreamingAverage(NamedTuple):
@@ -159,6 +225,9 @@ def validate_update(reference: Any, update: Any, *, max_delta_norm: float | None
                     ) -> str | None:
     """Checks a client update against the server's model before it may touch server state.
 
+    Never raises: whatever a client sends, the answer is a verdict, because a server that crashed
+    on a malformed update would let any client stop it.
+
     Args:
         reference: the server's current model (the structure, shapes and dtypes it expects).
         update: the tree a client sent.
@@ -170,13 +239,26 @@ def validate_update(reference: Any, update: Any, *, max_delta_norm: float | None
         leaf: a missing or unexpected leaf, a wrong shape or dtype, NaN or Inf values, or a change
         that is too large.
     """
+    try:
+        return _validate(reference, update, max_delta_norm)
+    except Exception as err:  # anything a hostile object can throw while being inspected
+        return f"malformed update: {type(err).__name__}: {_one_line(err)}"
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def _validate(reference: Any, update: Any, max_delta_norm: float | None) -> str | None:
     ref_leaves = dict((_path_name(p), x) for p, x in
                       jax.tree_util.tree_flatten_with_path(reference)[0])
     try:
         upd_flat = jax.tree_util.tree_flatten_with_path(update)[0]
     except Exception as err:  # a malformed container cannot even be walked
-        return f"update is not a parameter tree: {err}"
+        return f"update is not a parameter tree: {_one_line(err)}"
     upd_leaves = dict((_path_name(p), x) for p, x in upd_flat)
+    if len(upd_leaves) != len(upd_flat):
+        return "update has two leaves with the same name"
     missing = [k for k in ref_leaves if k not in upd_leaves]
     if missing:
         return f"missing leaf {missing[0]}" + (f" (and {len(missing) - 1} more)"
@@ -189,7 +271,7 @@ def validate_update(reference: Any, update: Any, *, max_delta_norm: float | None
     squared = 0.0
     for name, ref in ref_leaves.items():
         leaf = upd_leaves[name]
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        if not isinstance(leaf, (np.ndarray, np.generic, jax.Array)):
             return f"leaf {name} is not an array (got {type(leaf).__name__})"
         if tuple(leaf.shape) != tuple(ref.shape):
             return f"leaf {name} has shape {tuple(leaf.shape)}, expected {tuple(ref.shape)}"
@@ -203,7 +285,7 @@ def validate_update(reference: Any, update: Any, *, max_delta_norm: float | None
         if max_delta_norm is not None:
             diff = values.astype(np.float64) - np.asarray(ref, np.float64)
             squared += float(np.sum(diff * diff))
-    if max_delta_norm is not None and math.sqrt(squared) > max_delta_norm:
+    if max_delta_norm is not None and not math.sqrt(squared) <= max_delta_norm:
         return (f"update changes the model by L2 norm {math.sqrt(squared):.4g}, "
                 f"above the bound {max_delta_norm:.4g}")
     return None
