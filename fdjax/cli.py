@@ -3,6 +3,7 @@
 ``fdjax info`` prints the version, JAX's backend and devices and the compiled-epoch driver in use.
 ``fdjax train`` trains one model of the CNN family on one dataset (the embedded offline digits by
 default): a quick check that the compiled core learns on this machine, with a progress bar.
+``fdjax run --resume DIR`` continues a killed run from its newest usable checkpoint.
 Bad input is reported as one line on stderr with exit status 2, never as a traceback.
 """
 
@@ -99,16 +100,37 @@ class _Progress:
 def _run(args: argparse.Namespace) -> int:
     from fdjax.experiment import run
 
-    config = _load(args)
+    if args.resume is not None:
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.set),
+                                          ("--method", args.method), ("--out", args.out))
+                 if value]
+        if given:
+            raise ValueError(f"--resume continues a run with the config in DIR/config.toml; "
+                             f"drop {', '.join(given)}")
+        from pathlib import Path
+
+        from fdjax.config import load_config
+
+        out = args.resume
+        if not (Path(out) / "config.toml").is_file():
+            raise ValueError(f"{out!r} is not a run directory (no config.toml)")
+        config = load_config(Path(out) / "config.toml")
+    else:
+        out = args.out or "runs/run"
+        config = _load(args)
     progress = _Progress(config.stop.time_budget, config.method)
     try:
-        result = run(config, args.out, on_row=progress)
+        result = run(config, out, on_row=progress, resume=args.resume is not None)
     finally:
         progress.close()
+    for resume in result.resumes[-1:] if args.resume is not None else []:
+        skipped = f"; skipped: {'; '.join(resume['problems'])}" if resume["problems"] else ""
+        print(f"resumed from checkpoint {resume['checkpoint']} (round {resume['round']}, "
+              f"{resume['time']:.1f} s, {resume['rows_kept']} metrics rows kept){skipped}")
     last = result.rows[-1]
     print(f"{config.method}: {len(result.rows)} evaluations, {last['round']} rounds, "
           f"global accuracy {last['global_accuracy']:.4f} at {last['time']:.1f} s "
-          f"({config.clock} clock); written to {args.out}")
+          f"({config.clock} clock); written to {out}")
     return 0
 
 
@@ -132,11 +154,12 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, default_out: str | None) -> None:
     parser.add_argument("--config", default=None, help="TOML config file (default: built-in)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set clients.count=5 (repeatable)")
-    parser.add_argument("--out", default=default_out, help=f"output directory ({default_out})")
+    parser.add_argument("--out", default=default_out,
+                        help=f"output directory ({default_out or 'runs/run'})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, JAX backend and devices").set_defaults(fn=_info)
     run = sub.add_parser("run", help="run one method")
-    _add_config_args(run, "runs/run")
+    _add_config_args(run, None)
     run.add_argument("--method", default=None, help="method name (overrides the config)")
+    run.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the killed run in DIR from its newest usable checkpoint")
     run.set_defaults(fn=_run)
     compare = sub.add_parser("compare", help="run several methods and compare them")
     _add_config_args(compare, "runs/compare")
@@ -183,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fdjax: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input, missing or unreadable files
+        message = " ".join(str(err).split())  # always one line
+        print(f"fdjax: error: {message}", file=sys.stderr)
         return USAGE_ERROR
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 _NONE_WORDS = ("none", "null")
 
@@ -98,9 +99,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
         return value
     if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected list of float, got {value!r}")
-        return [_coerce(key, v, float) for v in value]
+            raise ConfigError(f"{key}: expected list of {item.__name__}, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -240,9 +242,104 @@ class StopConfig(_Section):
                               "stop.target_accuracy, stop.max_rounds, or the run never ends")
 
 
+@dataclass(frozen=True)
+class AggregationConfig(_Section):
+    """How the averaging server combines client updates and how long a round waits for them.
+
+    A round closes when every client it served has answered, or, once ``round_timeout`` seconds
+    (on the run's clock) have passed since it began, as soon as ``quorum`` valid updates are in.
+    """
+
+    _section: ClassVar[str] = "aggregation"
+    rule: str = _f("fedavg", _one_of("fedavg", "median", "trimmed_mean"))
+    trim_fraction: float = _f(0.1, lambda v: None if 0 <= v < 0.5
+                              else f"must be in [0, 0.5), got {v!r}")
+    max_delta_norm: float | None = _f(None, _gt(0))
+    round_timeout: float | None = _f(None, _gt(0))
+    quorum: int = _f(1, _ge(1))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """When a run with an output directory saves a checkpoint it can be resumed from.
+
+    Checkpoints are taken at the end of an averaging round, after ``every_rounds`` rounds or once
+    ``every_seconds`` wall-clock seconds have passed since the last one, whichever comes first;
+    both none turns checkpointing off. ``keep`` (>= 2) are kept, so a corrupted newest one can
+    fall back to the one before.
+    """
+
+    _section: ClassVar[str] = "checkpoint"
+    every_rounds: int | None = _f(None, _ge(1))
+    every_seconds: float | None = _f(60.0, _gt(0))
+    keep: int = _f(2, _ge(2))
+
+
+FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "dtype", "norm", "tree", "version",
+               "examples")
+_FAULT = re.compile(r"^(?P<kind>[a-z]+):(?P<client>\d+)@(?P<round>\d+)"
+                    r"(?:\+(?P<comeback>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?))?$")
+
+
+class Fault(NamedTuple):
+    """An injected fault: ``client`` misbehaves the first time it is served round ``round`` or a
+    later one. ``comeback``: seconds after a crash or hang until the client returns (None:
+    never)."""
+
+    kind: str
+    client: int
+    round: int
+    comeback: float | None = None
+
+
+def parse_fault(text: str) -> Fault:
+    """Parses ``KIND:CLIENT@ROUND[+SECONDS]``, e.g. ``crash:1@2+5`` or ``nan:0@3``.
+
+    Raises:
+        ValueError: naming what is wrong with ``text``.
+    """
+    m = _FAULT.match(text.strip())
+    if m is None:
+        raise ValueError(f"fault {text!r}: expected KIND:CLIENT@ROUND[+SECONDS], e.g. 'crash:1@2'")
+    if m["kind"] not in FAULT_KINDS:
+        raise ValueError(f"fault {text!r}: unknown kind {m['kind']!r}; choose one of "
+                         f"{', '.join(FAULT_KINDS)}")
+    if m["comeback"] is not None and m["kind"] not in ("crash", "hang"):
+        raise ValueError(f"fault {text!r}: only crash and hang take +SECONDS (a comeback)")
+    comeback = float(m["comeback"]) if m["comeback"] is not None else None
+    return Fault(m["kind"], int(m["client"]), int(m["round"]), comeback)
+
+
+def _fault_check(text: str) -> str | None:
+    try:
+        parse_fault(text)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@dataclass(frozen=True)
+class FaultsConfig(_Section):
+    """Injected faults, a testing aid: each entry makes one client crash, hang or send garbage.
+
+    Kinds: ``crash`` (the client raises), ``hang`` (it never answers), with ``+SECONDS`` it comes
+    back after that long; garbage updates ``nan``, ``inf``, ``shape``, ``dtype``, ``norm`` (a huge
+    change), ``tree`` (a missing leaf), ``version`` (built on a model version never served) and
+    ``examples`` (a negative example count).
+    """
+
+    _section: ClassVar[str] = "faults"
+    clients: list[str] = _f(check=_fault_check, factory=list)
+
+    @property
+    def parsed(self) -> list[Fault]:
+        return [parse_fault(text) for text in self.clients]
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig, "clients": ClientsConfig, "server": ServerConfig, "models": ModelsConfig,
-    "distill": DistillConfig, "cost": CostConfig, "stop": StopConfig}
+    "distill": DistillConfig, "cost": CostConfig, "stop": StopConfig,
+    "aggregation": AggregationConfig, "checkpoint": CheckpointConfig, "faults": FaultsConfig}
 
 
 @dataclass(frozen=True)
@@ -260,6 +357,19 @@ class Config(_Section):
     distill: DistillConfig = _f(factory=DistillConfig)
     cost: CostConfig = _f(factory=CostConfig)
     stop: StopConfig = _f(factory=StopConfig)
+    aggregation: AggregationConfig = _f(factory=AggregationConfig)
+    checkpoint: CheckpointConfig = _f(factory=CheckpointConfig)
+    faults: FaultsConfig = _f(factory=FaultsConfig)
+
+    def _check(self) -> None:
+        count = self.clients.count
+        if self.aggregation.quorum > count:
+            raise ConfigError(f"aggregation.quorum: must be <= clients.count ({count}), got "
+                              f"{self.aggregation.quorum}")
+        for fault in self.faults.parsed:
+            if fault.client >= count:
+                raise ConfigError(f"faults.clients: client {fault.client} does not exist "
+                                  f"(clients.count is {count})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:

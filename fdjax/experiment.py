@@ -27,7 +27,11 @@ from fdjax.methods import get_method
 from fdjax.runtime.channels import Mailbox, Network, Register
 from fdjax.runtime.clock import Clock, Cost, Device
 from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer, as_device_data
-from fdjax.runtime.nodes import AveragingServer, Client, Context, DistillationServer, Observer
+from fdjax.runtime.faults import FaultyClient
+from fdjax.runtime.nodes import (AveragingServer, Client, Context, DistillationServer, Observer,
+                                 supervise)
+from fdjax.rundir import RunDirectory
+from fdjax.runstate import RunState
 
 
 @dataclasses.dataclass
@@ -47,9 +51,14 @@ class Run:
         devices: per device, the (start, end, node) interval of every computation it ran.
         timing: wall seconds of the whole run (``wall_seconds``), of the compiled compute it
             executed, evaluation included (``compute_seconds``), of the extra first calls
-            that compiled or calibrated programs (``compile_seconds``), and with a calibrated
-            cost the seconds charged per call (``calibrated_seconds_per_call``).
+            that compiled or calibrated programs (``compile_seconds``), with a calibrated
+            cost the seconds charged per call (``calibrated_seconds_per_call``), and the number
+            of checkpoints saved and the seconds the saves took (``checkpoints``,
+            ``checkpoint_seconds``).
         out_dir: where the run was written, if anywhere.
+        rejected: every update the averaging server rejected: time, round, client, reason.
+        resumes: for each time this run was resumed: the checkpoint used, its round and time,
+            and the problems with newer checkpoints that were skipped.
     """
 
     config: Config
@@ -62,6 +71,8 @@ class Run:
     devices: dict[str, list[tuple[float, float, str]]]
     timing: dict[str, float]
     out_dir: Path | None = None
+    rejected: list[dict] = dataclasses.field(default_factory=list)
+    resumes: list[dict] = dataclasses.field(default_factory=list)
 
     def summary(self, target: float | None = None) -> dict:
         """Time to ``target`` (default: the config's, else 0.6), final accuracy, idle fractions."""
@@ -117,19 +128,29 @@ def prepare_data(config: Config):
 
 
 def run(config: Config, out_dir: str | Path | None = None, *, data=None,
-        on_row: Callable[[dict], None] | None = None) -> Run:
+        on_row: Callable[[dict], None] | None = None, resume: bool = False) -> Run:
     """Runs ``config.method`` once and returns its ``Run`` (and writes it to ``out_dir``).
 
     Args:
         config: a validated config (see ``fdjax.config``).
-        out_dir: if given, receives ``config.toml``, ``metrics.jsonl``, ``nodes.json`` and the
-            final parameters (``global_params.npz``, ``small_params.npz``).
+        out_dir: if given, receives ``config.toml``, ``metrics.jsonl``, checkpoints (see
+            ``config.checkpoint``), ``nodes.json`` and the final parameters
+            (``global_params.npz``, ``small_params.npz``).
         data: the result of ``prepare_data(config)``, to share one split across runs.
         on_row: called with each metrics row as it is produced (progress bars).
+        resume: continue the killed run in ``out_dir`` from its newest usable checkpoint
+            (``config`` must be the one in ``out_dir/config.toml``).
+
+    Raises:
+        ValueError: for a bad output directory, a missing or unreadable dataset, or (with
+            ``resume``) no usable checkpoint; nothing is written to ``out_dir`` before the data
+            has loaded.
     """
     method = get_method(config.method)
-    out = _prepare_out_dir(out_dir, config)
+    rundir = _open_run_dir(out_dir, config, resume)
     splits, fed = data if data is not None else prepare_data(config)
+    if rundir is not None and not resume:
+        rundir.start_fresh(config_to_toml(config))
     m = config.models
     shape, classes = splits.train.image_shape, splits.train.num_classes
     large_spec = (m.global_preset, shape, classes, m.global_width, m.norm)
@@ -152,110 +173,131 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     trainer = _program("trainer", client_spec, config.clients.optimizer,
                        config.clients.learning_rate, config.clients.batch_size)
     test = as_device_data(splits.test.arrays())
+
+    # The nodes are built before the event loop exists, so a resumed run can restore their
+    # state and start the loop's clock at the checkpoint's time.
+    ctx = Context(clock, asyncio.Event())
+    server_device = Device("server", config.server.device_speed, config.server.device_slots)
+    distill_device = (Device("distiller", config.server.device_speed, 1)
+                      if config.server.separate_devices else server_device)
+    published = Register(network)
+    to_server = Mailbox(network)
+    faults = list(enumerate(config.faults.parsed))
+    clients = []
+    for i, (part, speed) in enumerate(zip(fed.clients, config.client_speeds)):
+        args = (ctx, i, Device(f"client{i}", speed), as_device_data(part.arrays()), trainer,
+                config.clients.local_epochs, client_cost,
+                jax.random.fold_in(jax.random.fold_in(key, 100), i), to_server)
+        mine = [(n, f) for n, f in faults if f.client == i]
+        clients.append(FaultyClient(*args, faults=mine) if mine else Client(*args))
+    a = config.aggregation
+    averaging = AveragingServer(
+        ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
+        to_server, server_cost, published, wait_for_distiller=method.waits_for_distiller,
+        mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
+        staleness=config.distill.staleness, rule=a.rule, trim_fraction=a.trim_fraction,
+        max_delta_norm=a.max_delta_norm, round_timeout=a.round_timeout, quorum=a.quorum,
+        accept_late=not method.waits_for_distiller)
+    distiller = None
+    if method.distill_mode is not None:
+        dc = config.distill
+        settings = (dc.optimizer, dc.learning_rate, dc.batch_size, dc.steps_per_chunk,
+                    dc.temperature, dc.label_weight, dc.augment)
+        reverse = _program("distiller", large_spec, small_spec, *settings)
+        forward = (_program("distiller", small_spec, large_spec, *settings)
+                   if method.forward else None)
+        distiller = DistillationServer(
+            ctx, distill_device, reverse.init(large.init(jax.random.fold_in(key, 1))),
+            reverse, forward, as_device_data(fed.proxy.arrays()), server_cost,
+            jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
+            reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
+            forward_every=dc.forward_every, forward_cost=forward_cost)
+    global_of = (lambda: distiller.params) if distiller else (lambda: averaging.params)
+    small_of = (lambda: averaging.params) if distiller else None
     rows: list[dict] = []
-    state: dict[str, Any] = {}
+    state = RunState(config, clock, averaging, distiller, clients, rows, rundir)
+    start = state.resume(published) if resume else state.fresh_start()
+
+    def round_done(r: int) -> None:
+        state.round_done(r)
+        if config.stop.max_rounds is not None and r >= config.stop.max_rounds:
+            ctx.stop.set()
+
+    averaging.on_round = round_done
+
+    def record(row: dict) -> None:
+        row.update(method=config.method, seed=config.seed, round=averaging.round,
+                   distill_chunks=distiller.chunks if distiller else 0,
+                   last_staleness=(distiller.staleness[-1]
+                                   if distiller and distiller.staleness else None),
+                   **state.fault_counters())
+        rows.append(row)
+        if rundir is not None:
+            rundir.append(row)
+        if on_row is not None:
+            on_row(row)
+        target = config.stop.target_accuracy
+        if target is not None and row["global_accuracy"] >= target:
+            ctx.stop.set()
+
+    observer = Observer(ctx, config.stop.eval_interval, global_of, small_of,
+                        _program("evaluator", *(large_spec if distiller else client_spec)),
+                        _program("evaluator", *small_spec) if distiller else None, test,
+                        record, first_delay=start.first_delay, wall_offset=start.wall)
+    state.observer = observer
 
     async def main() -> None:
-        ctx = Context(clock, asyncio.Event())
-        server_device = Device("server", config.server.device_speed, config.server.device_slots)
-        distill_device = (Device("distiller", config.server.device_speed, 1)
-                          if config.server.separate_devices else server_device)
-        published = Register(network)
-        to_server = Mailbox(network)
-        clients = [Client(ctx, i, Device(f"client{i}", speed), as_device_data(c.arrays()), trainer,
-                          config.clients.local_epochs, client_cost,
-                          jax.random.fold_in(jax.random.fold_in(key, 100), i), to_server)
-                   for i, (c, speed) in enumerate(zip(fed.clients, config.client_speeds))]
-
-        def round_done(r: int) -> None:
-            if config.stop.max_rounds is not None and r >= config.stop.max_rounds:
-                ctx.stop.set()
-
-        averaging = AveragingServer(
-            ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
-            to_server, server_cost, published, wait_for_distiller=method.waits_for_distiller,
-            mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
-            staleness=config.distill.staleness, on_round=round_done)
-        distiller = None
-        tasks = [asyncio.ensure_future(c.run()) for c in clients]
-        if method.distill_mode is not None:
-            dc = config.distill
-            settings = (dc.optimizer, dc.learning_rate, dc.batch_size, dc.steps_per_chunk,
-                        dc.temperature, dc.label_weight, dc.augment)
-            reverse = _program("distiller", large_spec, small_spec, *settings)
-            forward = (_program("distiller", small_spec, large_spec, *settings)
-                       if method.forward else None)
-            distiller = DistillationServer(
-                ctx, distill_device, reverse.init(large.init(jax.random.fold_in(key, 1))),
-                reverse, forward, as_device_data(fed.proxy.arrays()), server_cost,
-                jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
-                reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
-                forward_every=dc.forward_every, forward_cost=forward_cost)
+        client_tasks = [asyncio.ensure_future(supervise(ctx, c)) for c in clients]
+        tasks = [asyncio.ensure_future(averaging.run())]
+        if distiller is not None:
             tasks.append(asyncio.ensure_future(distiller.run(averaging.params)))
-        tasks.append(asyncio.ensure_future(averaging.run()))
-        global_of = (lambda: distiller.params) if distiller else (lambda: averaging.params)
-        small_of = (lambda: averaging.params) if distiller else None
-
-        def record(row: dict) -> None:
-            row.update(method=config.method, seed=config.seed, round=averaging.round,
-                       distill_chunks=distiller.chunks if distiller else 0,
-                       last_staleness=(distiller.staleness[-1]
-                                       if distiller and distiller.staleness else None),
-                       rejected=len(averaging.rejected))
-            rows.append(row)
-            if out is not None:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            if on_row is not None:
-                on_row(row)
-            target = config.stop.target_accuracy
-            if target is not None and row["global_accuracy"] >= target:
-                ctx.stop.set()
-
-        observer = Observer(ctx, config.stop.eval_interval, global_of, small_of,
-                            _program("evaluator", *(large_spec if distiller else client_spec)),
-                            _program("evaluator", *small_spec) if distiller else None, test,
-                            record)
         tasks.append(asyncio.ensure_future(observer.run()))
-        waiters = [asyncio.ensure_future(ctx.stop.wait())]
+        all_gone = asyncio.ensure_future(asyncio.gather(*client_tasks))
+        waiters = [asyncio.ensure_future(ctx.stop.wait()), all_gone]
         if config.stop.time_budget is not None:
-            waiters.append(asyncio.ensure_future(clock.sleep(config.stop.time_budget)))
+            waiters.append(asyncio.ensure_future(
+                clock.sleep(config.stop.time_budget - start.time)))
         try:
             done, _ = await asyncio.wait(waiters + tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task in tasks and task.exception() is not None:
                     raise task.exception()
+            if all_gone in done:
+                raise RuntimeError("every client crashed and none comes back; see the "
+                                   "'crashed' events for why")
         finally:
-            for task in tasks + waiters:
+            for task in tasks + waiters + client_tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, *waiters, return_exceptions=True)
+            await asyncio.gather(*tasks, *waiters, *client_tasks, return_exceptions=True)
         if not rows or rows[-1]["time"] < clock.now():
             record(observer.evaluate())  # the final state, at the moment the run stopped
-        devices = {d.name: d.intervals for d in
-                   [server_device, distill_device] + [c.device for c in clients]}
-        nodes = {c.name: c.stats.as_dict() for c in clients}
-        nodes[averaging.name] = averaging.stats.as_dict()
-        if distiller:
-            nodes[distiller.name] = distiller.stats.as_dict()
-        state.update(nodes=nodes, global_params=global_of(),
-                     small_params=small_of() if small_of else None,
-                     staleness=list(distiller.staleness) if distiller else [],
-                     events=ctx.events, duration=clock.now(), devices=devices)
 
-    loop = clock.new_loop()
+    loop = clock.new_loop(start.time)
     wall = time.perf_counter()
     try:
         _run_to_completion(loop, main())
     finally:
         loop.close()
+        if rundir is not None:
+            rundir.checkpoints.close()
+    devices = {d.name: d.intervals for d in
+               [server_device, distill_device] + [c.device for c in clients]}
+    nodes = {c.name: c.stats.as_dict() for c in clients}
+    nodes[averaging.name] = averaging.stats.as_dict()
+    if distiller:
+        nodes[distiller.name] = distiller.stats.as_dict()
+    saves = rundir.checkpoints.save_seconds if rundir is not None else []
     timing = {"wall_seconds": time.perf_counter() - wall, "compute_seconds": clock.compute_seconds,
-              "compile_seconds": clock.compile_seconds}
+              "compile_seconds": clock.compile_seconds, "checkpoints": len(saves),
+              "checkpoint_seconds": sum(saves)}
     if clock.calibrated:
         timing["calibrated_seconds_per_call"] = dict(sorted(clock.calibrated.items()))
-    result = Run(config, rows, state["nodes"], state["staleness"], state["global_params"],
-                 state["small_params"], state["events"], state["devices"], timing, out)
-    if out is not None:
-        _write_outputs(result, state["duration"])
+    result = Run(config, rows, nodes, list(distiller.staleness) if distiller else [],
+                 global_of(), small_of() if small_of else None, ctx.events, devices, timing,
+                 rundir.path if rundir is not None else None, rejected=list(averaging.rejected),
+                 resumes=list(state.resumes))
+    if rundir is not None:
+        _write_outputs(result, rundir, clock.now(), state.fault_counters())
     return result
 
 
@@ -274,33 +316,40 @@ def _run_to_completion(loop: asyncio.AbstractEventLoop, coroutine) -> None:
         pool.submit(loop.run_until_complete, coroutine).result()
 
 
-def _prepare_out_dir(out_dir: str | Path | None, config: Config) -> Path | None:
+def _open_run_dir(out_dir: str | Path | None, config: Config, resume: bool
+                  ) -> RunDirectory | None:
+    """The run directory, checked but not yet written to."""
     if out_dir is None:
+        if resume:
+            raise ValueError("resume needs the run directory of the run to continue")
         return None
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-        (out / "config.toml").write_text(config_to_toml(config))
-    except OSError as err:
-        raise ValueError(f"cannot write to output directory {str(out)!r}: {err.strerror}") from err
-    return out
+    rundir = RunDirectory(out_dir, config.checkpoint.keep)
+    if resume:
+        if not (rundir.path / "config.toml").is_file():
+            raise ValueError(f"{str(rundir.path)!r} is not a run directory (no config.toml)")
+        if rundir.finished:
+            raise ValueError(f"the run in {str(rundir.path)!r} has finished (nodes.json is "
+                             f"written); there is nothing to resume")
+    return rundir
 
 
 def _save_params(path: Path, params: Any) -> None:
     flat = {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(path, **flat)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **flat)
+    tmp.replace(path)
 
 
-def _write_outputs(result: Run, duration: float) -> None:
-    out = result.out_dir
-    (out / "nodes.json").write_text(json.dumps(
-        {"duration": duration, "nodes": result.nodes, "staleness": result.staleness,
-         "timing": result.timing}, indent=1))
-    _save_params(out / "global_params.npz", result.global_params)
+def _write_outputs(result: Run, rundir: RunDirectory, duration: float, faults: dict) -> None:
+    """Writes the final parameters, then ``nodes.json``, which marks the run finished."""
+    _save_params(rundir.path / "global_params.npz", result.global_params)
     if result.small_params is not None:
-        _save_params(out / "small_params.npz", result.small_params)
+        _save_params(rundir.path / "small_params.npz", result.small_params)
+    rundir.write_nodes({"duration": duration, "nodes": result.nodes,
+                        "staleness": result.staleness, "timing": result.timing,
+                        "faults": faults, "rejected": result.rejected,
+                        "resumes": result.resumes})
 
 
 @dataclasses.dataclass

@@ -99,6 +99,10 @@ class Register:
     def publish(self, value: Any, version: int, nbytes: int, sender: NodeStats) -> None:
         self.network.deliver(nbytes, sender, self._arrive, value, version)
 
+    def restore(self, value: Any, version: int) -> None:
+        """Holds ``value`` at ``version`` at once: a resumed run's last published value."""
+        self.version, self.value = version, value
+
     def _arrive(self, value: Any, version: int) -> None:
         if version > self.version:  # a late, older message never replaces a newer one
             self.version, self.value = version, value

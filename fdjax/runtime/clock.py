@@ -33,9 +33,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     Real I/O and threads must not be mixed in: nothing here waits for them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: float = 0.0) -> None:
         super().__init__()
-        self._virtual_now = 0.0
+        self._virtual_now = start
 
     def time(self) -> float:
         return self._virtual_now
@@ -114,10 +114,11 @@ class Clock:
         #: "node label" -> calibrated seconds per call, for the run's record.
         self.calibrated: dict[str, float] = {}
 
-    def new_loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop a run executes on (its ``time()`` is the run's clock)."""
-        self.loop = VirtualTimeLoop() if self.virtual else asyncio.new_event_loop()
-        self.origin = self.loop.time()
+    def new_loop(self, start: float = 0.0) -> asyncio.AbstractEventLoop:
+        """The event loop a run executes on; ``now()`` starts at ``start`` (a resumed run goes
+        on from its checkpoint's time)."""
+        self.loop = VirtualTimeLoop(start) if self.virtual else asyncio.new_event_loop()
+        self.origin = self.loop.time() - start
         return self.loop
 
     def now(self) -> float:

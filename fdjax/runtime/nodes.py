@@ -4,12 +4,18 @@ Each node is an asyncio loop that calls compiled core programs through the ``Clo
 charges their cost on the node's device) and exchanges parameter pytrees through channels. Nodes
 hold no learning math; how they are wired, and the few switches that make the paper's methods
 differ, come from ``fdjax.methods``.
+
+Faults are part of the protocol, not an afterthought: the averaging server checks every message
+before it touches its state, closes a round on a timeout with a quorum, and serves a client that
+comes back the current model; a client that crashes is logged and, where it restarts, rejoins
+(``supervise``). Servers expose ``snapshot``/``restore`` so a run can be checkpointed and resumed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from typing import Any, Callable
 
@@ -22,7 +28,7 @@ from fdjax.runtime.clock import Clock, Cost, Device
 from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer
 
 
-_fedavg = jax.jit(aggregation.fedavg)
+_aggregate = jax.jit(aggregation.aggregate, static_argnames=("rule", "trim_fraction"))
 _staleness_mix = jax.jit(aggregation.staleness_mix, static_argnames=("kind",))
 
 
@@ -37,6 +43,25 @@ class Update:
 
 
 @dataclasses.dataclass
+class Join:
+    """A client that (re)starts asks the averaging server for the current model."""
+
+    client: int
+
+
+@dataclasses.dataclass
+class _Deadline:
+    """The averaging server's round timer going off (a message to itself)."""
+
+    round: int
+
+
+#: Events that mean something went wrong somewhere; they also go to the ``fdjax`` logger.
+_WARNINGS = ("rejected", "crashed", "round_timeout")
+_logger = logging.getLogger("fdjax")
+
+
+@dataclasses.dataclass
 class Context:
     """What every node shares: the clock, the network channels, the stop signal and a log."""
 
@@ -46,6 +71,9 @@ class Context:
 
     def log(self, node: str, event: str, **fields: Any) -> None:
         self.events.append({"time": self.clock.now(), "node": node, "event": event, **fields})
+        if event in _WARNINGS:
+            details = ", ".join(f"{k}={v}" for k, v in fields.items())
+            _logger.warning("%s at %.3f s: %s (%s)", node, self.clock.now(), event, details)
 
 
 async def _wait(ctx: Context, stats: NodeStats, awaitable) -> Any:
@@ -58,7 +86,14 @@ async def _wait(ctx: Context, stats: NodeStats, awaitable) -> Any:
 
 
 class Client:
-    """Trains the model it is sent for ``epochs`` local epochs and sends it back."""
+    """Trains the model it is sent for ``epochs`` local epochs and sends it back.
+
+    Attributes:
+        restart_after: seconds after a crash until the client is back and asks for the current
+            model (None: it never comes back); read by ``supervise``.
+    """
+
+    restart_after: float | None = None
 
     def __init__(self, ctx: Context, index: int, device: Device, data: dict, trainer: LocalTrainer,
                  epochs: int, cost: Cost, key: jax.Array, to_server: Mailbox):
@@ -69,6 +104,7 @@ class Client:
         self.examples = int(data["labels"].shape[0])
         self.name = f"client{index}"
         self.stats = NodeStats("client")
+        self.crashes = 0
 
     def train(self, params: Any, version: int) -> Any:
         state = self.trainer.init(params)
@@ -77,45 +113,109 @@ class Client:
             state, _ = self.trainer.epoch(state, self.data, key)
         return state.params
 
+    async def work(self, params: Any, version: int) -> Update | None:
+        """Trains on a served model; returns the update to send (None: nothing to send)."""
+        self.ctx.log(self.name, "train_start", version=version)
+        trained, charged = await self.ctx.clock.compute(
+            self.device, lambda: self.train(params, version), cost=self.cost,
+            examples=self.examples * self.epochs, program=(self.trainer, self.examples),
+            node=self.name, label="train")
+        self.stats.busy += charged
+        self.ctx.log(self.name, "train_end", version=version)
+        return Update(self.index, trained, self.examples, version)
+
     async def run(self) -> None:
         while True:
             params, version = await _wait(self.ctx, self.stats, self.inbox.receive())
-            self.ctx.log(self.name, "train_start", version=version)
-            trained, charged = await self.ctx.clock.compute(
-                self.device, lambda: self.train(params, version), cost=self.cost,
-                examples=self.examples * self.epochs, program=(self.trainer, self.examples), node=self.name,
-                label="train")
-            self.stats.busy += charged
-            self.ctx.log(self.name, "train_end", version=version)
-            self.to_server.send(Update(self.index, trained, self.examples, version),
-                                tree_bytes(trained), self.stats)
+            update = await self.work(params, version)
+            if update is not None:
+                self.to_server.send(update, tree_bytes(update.params), self.stats)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """Its key (arrays) and counters; a client keeps no model between rounds."""
+        return ({"key": jax.random.key_data(self.key)},
+                {"stats": self.stats.as_dict(), "crashes": self.crashes})
+
+    def restore(self, arrays: dict, meta: dict) -> None:
+        self.key = jax.random.wrap_key_data(arrays["key"])
+        self.stats, self.crashes = NodeStats(**meta["stats"]), meta["crashes"]
+
+    def rejoin(self) -> None:
+        """Back after a crash or a hang: drops models served meanwhile, asks for the current one."""
+        while self.inbox.pending():
+            self.inbox.queue.get_nowait()
+        self.ctx.log(self.name, "rejoin")
+        self.to_server.send(Join(self.index), 0, self.stats)
+
+
+async def supervise(ctx: Context, client: Client) -> None:
+    """Runs a client so that its crash never stops the run.
+
+    The crash is logged; a client with ``restart_after`` set comes back that many seconds later
+    and asks for the current model, otherwise this returns and the client stays gone.
+    """
+    while True:
+        try:
+            await client.run()
+        except Exception as err:  # a client's failure is the client's, not the run's
+            client.crashes += 1
+            ctx.log(client.name, "crashed", error=f"{type(err).__name__}: {err}")
+            if client.restart_after is None:
+                return
+            await ctx.clock.sleep(client.restart_after)
+            client.rejoin()
 
 
 class AveragingServer:
-    """Runs FedAvg rounds with the clients and publishes each average.
+    """Runs rounds with the clients and publishes each aggregate.
+
+    A round serves the current model to every client that has no work outstanding, then takes
+    messages until it closes: when every client served in this round has answered, or, once
+    ``round_timeout`` seconds have passed, as soon as ``quorum`` valid updates are in. A client
+    still working on an earlier round is neither served nor waited for; its update arrives late:
+    the asynchronous methods (``accept_late``) add it to the round in progress, the synchronous
+    ones drop it, and its client is served again when the next round starts. A client that
+    (re)joins is served the current model at once. Every update is checked before it touches server state (it must be
+    built on the version served to that client, carry a positive example count and pass
+    ``aggregation.validate_update``); a bad one is logged and counted in ``rejected``.
 
     Args:
         wait_for_distiller: take each round's starting model from the distillation server and
             wait for it (synchronous methods); otherwise rounds run back to back.
         mix_distilled: mix models the distillation server sends between rounds into the
             current model with a staleness weight (the asynchronous forward method).
+        rule: "fedavg", "median" or "trimmed_mean" (``aggregation.aggregate``).
+        max_delta_norm: reject updates that change the model by more than this L2 norm.
+        round_timeout: seconds on the run's clock after which a round may close without the
+            clients that have not answered (None: wait for all of them).
+        quorum: valid updates a round needs before its timeout may close it.
+        accept_late: whether updates built on an earlier round's model join the current round.
     """
 
     def __init__(self, ctx: Context, device: Device, params: Any, clients: list[Client],
                  inbox: Mailbox, cost: Cost, published: Register, wait_for_distiller: bool = False,
                  mix_distilled: bool = False, mix_alpha: float = 0.5,
-                 staleness: str = "polynomial", on_round: Callable[[int], None] | None = None):
+                 staleness: str = "polynomial", on_round: Callable[[int], None] | None = None,
+                 rule: str = "fedavg", trim_fraction: float = 0.1,
+                 max_delta_norm: float | None = None, round_timeout: float | None = None,
+                 quorum: int = 1, accept_late: bool = False):
         self.ctx, self.device, self.params, self.clients = ctx, device, params, clients
         self.cost, self.published = cost, published
         self.wait_for_distiller, self.mix_distilled = wait_for_distiller, mix_distilled
         self.mix_alpha, self.staleness = mix_alpha, staleness
+        self.rule, self.trim_fraction, self.max_delta_norm = rule, trim_fraction, max_delta_norm
+        self.round_timeout, self.quorum, self.accept_late = round_timeout, quorum, accept_late
         self.inbox = inbox
         self.from_distiller = Mailbox(published.network)
         self.round = 0
         self.on_round = on_round
         self.name = "averaging"
         self.stats = NodeStats("averaging")
+        #: client index -> the model version it was served and has not answered yet.
+        self.serving: dict[int, int] = {}
         self.rejected: list[dict] = []
+        self.late = 0
+        self.timeouts = 0
 
     async def run(self) -> None:
         while True:
@@ -123,32 +223,118 @@ class AveragingServer:
                 self.params = await _wait(self.ctx, self.stats, self.from_distiller.receive())
             elif self.mix_distilled:
                 await self._mix_pending()
-            nbytes = tree_bytes(self.params)
-            for client in self.clients:
-                client.inbox.send((self.params, self.round), nbytes, self.stats)
-            updates = [await _wait(self.ctx, self.stats, self.inbox.receive())
-                       for _ in self.clients]
-            accepted = []
-            for update in updates:
-                reason = aggregation.validate_update(self.params, update.params)
-                if reason is None:
-                    accepted.append(update)
-                else:
-                    self.rejected.append({"client": update.client, "reason": reason})
-                    self.ctx.log(self.name, "rejected", client=update.client, reason=reason)
+            waiting = {c.index for c in self.clients if c.index not in self.serving}
+            for index in sorted(waiting):
+                self._serve(index)
+            accepted = await self._collect(waiting)
             if accepted:
                 stacked = aggregation.stack_trees([u.params for u in accepted])
                 weights = np.asarray([u.examples for u in accepted], np.float32)
                 self.params, charged = await self.ctx.clock.compute(
-                    self.device, lambda: _fedavg(stacked, weights), cost=self.cost,
-                    examples=len(accepted), program=("fedavg", len(accepted)), node=self.name,
-                    label="fedavg")
+                    self.device, lambda: _aggregate(stacked, weights, rule=self.rule,
+                                                    trim_fraction=self.trim_fraction),
+                    cost=self.cost, examples=len(accepted),
+                    program=(self.rule, len(accepted)), node=self.name, label=self.rule)
                 self.stats.busy += charged
             self.round += 1
             self.ctx.log(self.name, "round_end", round=self.round, clients=len(accepted))
             self.published.publish(self.params, self.round, tree_bytes(self.params), self.stats)
             if self.on_round is not None:
                 self.on_round(self.round)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """Its state between rounds: the model (arrays) and counters.
+
+        Outstanding requests are not part of it: a resumed run restarts every client, and its
+        first round serves them all the current model.
+        """
+        return {"params": self.params}, {
+            "round": self.round, "rejected": list(self.rejected), "late": self.late,
+            "timeouts": self.timeouts, "stats": self.stats.as_dict()}
+
+    def restore(self, arrays: dict, meta: dict) -> None:
+        self.params, self.round = arrays["params"], meta["round"]
+        self.rejected, self.late = list(meta["rejected"]), meta["late"]
+        self.timeouts, self.stats = meta["timeouts"], NodeStats(**meta["stats"])
+
+    def _serve(self, index: int) -> None:
+        """Sends client ``index`` the current model and notes that it owes an answer."""
+        self.serving[index] = self.round
+        self.clients[index].inbox.send((self.params, self.round), tree_bytes(self.params),
+                                       self.stats)
+
+    async def _collect(self, waiting: set[int]) -> list[Update]:
+        """Takes messages until the round may close; returns its valid updates.
+
+        Messages that arrived at the very moment the round closes are taken too, so that a
+        timeout does not split updates that arrived together.
+        """
+        accepted: list[Update] = []
+        heard = bool(waiting)  # a round that served nobody waits for at least one message
+        timer, timed_out = None, False
+        if self.round_timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                self.round_timeout, self.inbox.queue.put_nowait, _Deadline(self.round))
+        try:
+            while not (heard and not waiting) and not (timed_out and len(accepted) >= self.quorum):
+                message = await _wait(self.ctx, self.stats, self.inbox.receive())
+                if isinstance(message, _Deadline):  # an earlier round's is stale
+                    timed_out = timed_out or message.round == self.round
+                    continue
+                heard = True
+                self._handle(message, waiting, accepted)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if waiting:
+            self.timeouts += 1
+            self.ctx.log(self.name, "round_timeout", round=self.round, missing=sorted(waiting),
+                         answered=len(accepted))
+        while self.inbox.pending():
+            message = self.inbox.queue.get_nowait()
+            if not isinstance(message, _Deadline):
+                self._handle(message, set(), accepted)
+        return accepted
+
+    def _handle(self, message: Any, waiting: set[int], accepted: list[Update]) -> None:
+        if isinstance(message, Join) and message.client in range(len(self.clients)):
+            self.ctx.log(self.name, "joined", client=message.client)
+            self._serve(message.client)
+            waiting.add(message.client)
+        elif isinstance(message, Update):
+            waiting.discard(message.client)
+            update = self._admit(message)
+            if update is not None:
+                accepted.append(update)
+
+    def _admit(self, update: Update) -> Update | None:
+        """Checks one update; returns it if it may join this round, else logs why not."""
+        served = self.serving.pop(update.client, None) if isinstance(update.client, int) else None
+        reason = None
+        if served is None or update.version != served:
+            reason = (f"built on model version {update.version!r}, which was not served to this "
+                      f"client" + (f" (it was served version {served})" if served is not None
+                                   else ""))
+        elif (not isinstance(update.examples, (int, np.integer)) or isinstance(update.examples, bool)
+              or update.examples < 1):
+            reason = f"example count must be a positive integer, got {update.examples!r}"
+        else:
+            reason = aggregation.validate_update(self.params, update.params,
+                                                 max_delta_norm=self.max_delta_norm)
+        if reason is not None:
+            self.rejected.append({"time": self.ctx.clock.now(), "round": self.round,
+                                  "client": update.client, "reason": reason})
+            self.ctx.log(self.name, "rejected", client=update.client, reason=reason)
+            return None
+        if update.version < self.round and not self.accept_late:
+            self.late += 1  # its client is served again when the next round starts
+            self.ctx.log(self.name, "late", client=update.client, version=update.version)
+            return None
+        if update.version < self.round:
+            self.late += 1
+            self.ctx.log(self.name, "late", client=update.client, version=update.version,
+                         accepted=True)
+        return update
 
     async def _mix_pending(self) -> None:
         while self.from_distiller.pending():
@@ -193,6 +379,9 @@ class DistillationServer:
         self.chunks = 0
         self.forwards = 0
         self.staleness: list[int] = []
+        #: the version of the newest average taken; a resumed run restarts from it.
+        self.version = 0
+        self.resumed = False
         self.name = "distillation"
         self.stats = NodeStats("distillation")
 
@@ -200,10 +389,37 @@ class DistillationServer:
     def params(self) -> Any:
         return self.state.params
 
+    def snapshot(self) -> tuple[dict, dict]:
+        """Its state between computations: arrays (model, optimizer state, keys) and counters.
+
+        Its model and counters change only when a computation has finished (the staleness of a
+        chunk in progress, recorded when it starts, is left out), so a snapshot taken while one
+        is in progress is the state before it; a resumed run simply redoes that computation.
+        """
+        arrays = {"state": self.state, "key": jax.random.key_data(self.key),
+                  "forward_key": jax.random.key_data(self.forward_key)}
+        return arrays, {"chunks": self.chunks, "forwards": self.forwards,
+                        "staleness": self.staleness[:self.chunks], "version": self.version,
+                        "stats": self.stats.as_dict()}
+
+    def restore(self, arrays: dict, meta: dict) -> None:
+        self.state = arrays["state"]
+        self.key = jax.random.wrap_key_data(arrays["key"])
+        self.forward_key = jax.random.wrap_key_data(arrays["forward_key"])
+        self.chunks, self.forwards = meta["chunks"], meta["forwards"]
+        self.staleness, self.version = list(meta["staleness"]), meta["version"]
+        self.stats = NodeStats(**meta["stats"])
+        self.resumed = True
+
+    async def _take(self, than: int) -> tuple[Any, int]:
+        """Waits for an average newer than version ``than`` and takes the newest."""
+        small, self.version = await _wait(self.ctx, self.stats, self.averages.wait_newer(than))
+        return small, self.version
+
     async def _reverse(self, teacher: Any, version: int) -> None:
         key = jax.random.fold_in(self.key, self.chunks)
         newest = self.averages.version
-        self.staleness.append(self.averaging.round - version)
+        self.staleness.append(self.averaging.round - version)  # the chunk in progress's too
         (self.state, _), charged = await self.ctx.clock.compute(
             self.device, lambda: self.reverse.chunk(self.state, teacher, self.proxy, key),
             cost=self.cost, examples=self.reverse.steps * self.reverse.batch_size,
@@ -216,40 +432,44 @@ class DistillationServer:
     async def _forward(self, small: Any, version: int) -> Any:
         distiller = self.forward_distiller
         state = distiller.init(small)
-        self.forwards += 1
+        number = self.forwards + 1
         for i in range(self.forward_chunks):
-            key = jax.random.fold_in(jax.random.fold_in(self.forward_key, self.forwards), i)
+            key = jax.random.fold_in(jax.random.fold_in(self.forward_key, number), i)
             (state, _), charged = await self.ctx.clock.compute(
                 self.device, lambda: distiller.chunk(state, self.params, self.proxy, key),
                 cost=self.forward_cost, examples=distiller.steps * distiller.batch_size,
                 program=distiller, node=self.name, label="forward")
             self.stats.busy += charged
+        self.forwards = number
         self.ctx.log(self.name, "forward", version=version)
         return state.params
 
     async def run(self, initial_small: Any) -> None:
         if self.mode == "sync":
             small, version = initial_small, 0
+            if self.resumed:  # checkpointed just after an average was published: distil it
+                small, version = await self._take(self.version)
+                for _ in range(self.reverse_chunks):
+                    await self._reverse(small, version)
             while True:
                 if self.forward_distiller is not None:
                     small = await self._forward(small, version)
                 self.averaging.from_distiller.send(small, tree_bytes(small), self.stats)
-                small, version = await _wait(self.ctx, self.stats,
-                                             self.averages.wait_newer(version))
+                small, version = await self._take(version)
                 for _ in range(self.reverse_chunks):
                     await self._reverse(small, version)
         elif self.mode == "round":
-            version = 0
+            version = self.version
             while True:
-                small, version = await _wait(self.ctx, self.stats,
-                                             self.averages.wait_newer(version))
+                small, version = await self._take(version)
                 for _ in range(self.reverse_chunks):
                     await self._reverse(small, version)
         else:  # continuous
-            small, version = await _wait(self.ctx, self.stats, self.averages.wait_newer(0))
+            small, version = await self._take(self.version)
             while True:
                 if self.averages.version > version:
                     small, version = self.averages.value, self.averages.version
+                    self.version = version
                 await self._reverse(small, version)
                 if self.forward_distiller is not None and self.chunks % self.forward_every == 0:
                     distilled = await self._forward(small, version)
@@ -266,12 +486,16 @@ class Observer:
 
     def __init__(self, ctx: Context, interval: float, global_model: Callable[[], Any],
                  small_model: Callable[[], Any] | None, global_eval: Evaluator,
-                 small_eval: Evaluator | None, test: dict, on_row: Callable[[dict], None]):
+                 small_eval: Evaluator | None, test: dict, on_row: Callable[[dict], None],
+                 first_delay: float = 0.0, wall_offset: float = 0.0):
         self.ctx, self.interval = ctx, interval
         self.global_model, self.small_model = global_model, small_model
         self.global_eval, self.small_eval, self.test = global_eval, small_eval, test
         self.on_row = on_row
-        self.wall_start = time.perf_counter()
+        #: a resumed run's observer first waits for the next evaluation the killed run owed,
+        #: and counts wall time on from where the killed run's rows stopped.
+        self.first_delay = first_delay
+        self.wall_start = time.perf_counter() - wall_offset
 
     def evaluate(self) -> dict:
         row = {"time": self.ctx.clock.now(), "wall_time": time.perf_counter() - self.wall_start}
@@ -283,6 +507,8 @@ class Observer:
         return row
 
     async def run(self) -> None:
+        if self.first_delay > 0:
+            await self.ctx.clock.sleep(self.first_delay)
         while True:
             if self.ctx.clock.virtual:
                 row = self.evaluate()
