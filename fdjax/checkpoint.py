@@ -91,6 +91,16 @@ class RunCheckpoints:
         """Complete checkpoints, oldest first."""
         return sorted(self.manager.all_steps()) if self.directory.is_dir() else []
 
+    def require_any(self) -> None:
+        """Raises ``CheckpointError`` at once when there is not even one step directory, before
+        a resumed run builds anything."""
+        if not self.directory.is_dir() or not any(
+                p.name.isdigit() for p in self.directory.iterdir()):
+            found = self.incomplete()
+            raise CheckpointError(f"no checkpoint in {str(self.directory)!r} to resume from"
+                                  + (f" (only incomplete ones: {', '.join(found)})"
+                                     if found else ""))
+
     def incomplete(self) -> list[str]:
         """Temporary directories of saves that were interrupted."""
         if not self.directory.is_dir():

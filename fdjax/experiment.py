@@ -330,6 +330,7 @@ def _open_run_dir(out_dir: str | Path | None, config: Config, resume: bool
         if rundir.finished:
             raise ValueError(f"the run in {str(rundir.path)!r} has finished (nodes.json is "
                              f"written); there is nothing to resume")
+        rundir.checkpoints.require_any()
     return rundir
 
 

@@ -39,13 +39,14 @@ def steps(path: Path) -> list[int]:
     return sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
 
 
-@pytest.mark.parametrize("method", ["sync-fwd", "async-continuous"])
-def test_a_killed_run_resumes_keeping_every_checkpointed_line_once(tmp_path, method):
-    cfg = tiny(method, "checkpoint.every_rounds=2", "stop.time_budget=8")
+def test_a_killed_run_resumes_keeping_every_checkpointed_line_once(tmp_path):
+    """In-process, for a synchronous method; ``test_sigkill_resume`` kills an asynchronous one
+    for real."""
+    cfg = tiny("sync-fwd", "checkpoint.every_rounds=2", "stop.time_budget=8")
     whole = run(cfg, tmp_path / "whole")
-    if method == "async-continuous":  # checkpointing changes nothing in the run itself
-        assert without_wall(run(tiny(method, "stop.time_budget=8")).rows) == without_wall(
-            whole.rows)
+    # checkpointing changes nothing in the run itself
+    assert without_wall(run(tiny("sync-fwd", "stop.time_budget=8")).rows) == without_wall(
+        whole.rows)
     with pytest.raises(Killed):
         run(cfg, tmp_path / "killed", on_row=kill_at(5.5))
     before = lines(tmp_path / "killed")
@@ -67,6 +68,9 @@ def test_a_killed_run_resumes_keeping_every_checkpointed_line_once(tmp_path, met
     assert nodes["resumes"] == resumed.resumes
 
 
+# Orbax's failed read of the damaged checkpoint leaves TensorStore callbacks aimed at the event
+# loop orbax ran the read on, which it has closed by then; they are dropped with a warning.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupted_and_incomplete_checkpoints_are_reported_and_the_previous_good_one_used(
         tmp_path):
     cfg = tiny("async-round", "checkpoint.every_rounds=1", "checkpoint.keep=4")
@@ -113,14 +117,14 @@ def test_resuming_without_a_usable_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="not a run directory"):
         run(cfg, tmp_path / "nothing", resume=True)
     with pytest.raises(Killed):
-        run(cfg, tmp_path / "run", on_row=kill_at(3))
+        run(cfg, tmp_path, on_row=kill_at(3))
     changed = tiny("async-round", "checkpoint.every_rounds=1", "seed=5")
     with pytest.raises(ValueError, match="taken under a different config.toml"):
-        run(changed, tmp_path / "run", resume=True)
-    shutil.rmtree(tmp_path / "run" / "checkpoints")
-    with pytest.raises(ValueError, match="no checkpoint in"):
-        run(cfg, tmp_path / "run", resume=True)
-    done = run(cfg, tmp_path / "done")
-    assert done.timing["checkpoints"] >= 3
+        run(changed, tmp_path, resume=True)
+    (tmp_path / "nodes.json").write_text("{}")
     with pytest.raises(ValueError, match="has finished"):
-        run(cfg, tmp_path / "done", resume=True)
+        run(cfg, tmp_path, resume=True)
+    (tmp_path / "nodes.json").unlink()
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        run(cfg, tmp_path, resume=True)

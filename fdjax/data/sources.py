@@ -195,11 +195,17 @@ def load_image_folder(root: str | os.PathLike, split: str,
              if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DataError(f"no .png/.jpg images under {str(base)!r}")
-    opened = [Image.open(f) for f, _ in files]
-    mode = "L" if all(im.mode == "L" for im in opened) else "RGB"
+    try:
+        opened = [Image.open(f) for f, _ in files]
+        mode = "L" if all(im.mode == "L" for im in opened) else "RGB"
+    except OSError as err:  # unreadable, or not an image (PIL's errors name the file)
+        raise DataError(f"cannot read image: {err}") from err
     arrays = []
     for (path, _), im in zip(files, opened):
-        arr = np.asarray(im.convert(mode), np.uint8)
+        try:
+            arr = np.asarray(im.convert(mode), np.uint8)
+        except OSError as err:  # a truncated or damaged image
+            raise DataError(f"cannot read image {str(path)!r}: {err}") from err
         if arrays and arr.shape[:2] != arrays[0].shape[:2]:
             raise DataError(f"{path} is {arr.shape[1]}x{arr.shape[0]} but the first image is "
                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; resize them to one size")
