@@ -7,6 +7,10 @@ long ``run(..., resume=True)`` takes to restore from the newest checkpoint befor
 run is resumed at its end, so it stops at once).
 
     python experiments/checkpoint_overhead/bench_checkpoint.py [--config FILE] [--set KEY=VALUE ...]
+
+``--state-only SHAPE`` skips the runs and times saves of the state a run of the config would
+checkpoint (both models, the distillation server's Adam state, keys) for images of SHAPE, e.g.
+``32,32,3`` for CIFAR-10: the save time depends only on that state's size.
 """
 
 from __future__ import annotations
@@ -50,7 +54,11 @@ def main():
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", default=None, help="write results as JSON here")
+    parser.add_argument("--state-only", default=None, metavar="H,W,C",
+                        help="time saves of a run's state for this image shape, without runs")
     args = parser.parse_args()
+    if args.state_only:
+        return state_only(load_config(args.config, args.set), args)
     config = load_config(args.config, ["checkpoint.every_rounds=1", *args.set])
     plain = load_config(args.config, ["checkpoint.every_rounds=none",
                                       "checkpoint.every_seconds=none", *args.set])
@@ -84,6 +92,47 @@ def main():
           f"{result['save_max_s']:.3f} s; {size / 1e6:.1f} MB per checkpoint; run wall "
           f"{result['wall_without_s']:.1f} s without, {result['wall_with_s']:.1f} s with a "
           f"checkpoint every round; resume {resume_wall:.1f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def state_only(config, args, saves: int = 10) -> None:
+    """Times ``saves`` checkpoints of the arrays a run of ``config`` holds, for one image shape."""
+    from fdjax.core import init_train_state, make_model, make_optimizer, OptimizerSettings
+
+    shape = tuple(int(x) for x in args.state_only.split(","))
+    m = config.models
+    large = make_model(m.global_preset, input_shape=shape, num_classes=10, width=m.global_width)
+    small = make_model(m.small_preset, input_shape=shape, num_classes=10, width=m.small_width)
+    key = jax.random.key(0)
+    optimizer = make_optimizer(OptimizerSettings(config.distill.optimizer,
+                                                 config.distill.learning_rate))
+    arrays = {"averaging": {"params": small.init(key)},
+              "distiller": {"state": init_train_state(large.init(key), optimizer),
+                            "key": jax.random.key_data(key)},
+              "clients": {f"client{i}": {"key": jax.random.key_data(key)}
+                          for i in range(config.clients.count)}}
+    work = Path(tempfile.mkdtemp(prefix="fdjax-ckpt-"))
+    try:
+        checkpoints = RunCheckpoints(work, keep=2)
+        for step in range(1, saves + 1):
+            checkpoints.save(step, arrays, {"round": step})
+        size = dir_bytes(work / str(saves))
+        start = time.perf_counter()
+        checkpoints.restore(arrays)
+        restore = time.perf_counter() - start
+        checkpoints.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    params = count_params(arrays["averaging"]["params"]) + count_params(
+        arrays["distiller"]["state"].params)
+    result = {"machine": platform.machine(), "backend": jax.default_backend(),
+              "jax": jax.__version__, "image_shape": shape, "overrides": args.set,
+              "parameters": params, "saves": saves, "save_median_s": statistics.median(SAVES),
+              "save_max_s": max(SAVES), "checkpoint_bytes": size, "restore_s": restore}
+    print(f"state of {params:,} model parameters ({shape}): median save "
+          f"{result['save_median_s']:.3f} s, max {result['save_max_s']:.3f} s; "
+          f"{size / 1e6:.1f} MB per checkpoint; restore {restore:.2f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
