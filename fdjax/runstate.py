@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import Any
 
 from fdjax.config import Config, config_to_toml
 from fdjax.runtime.channels import Register
