@@ -127,18 +127,44 @@ def num_steps(num_examples: int, batch_size: int) -> int:
     return max(1, -(-int(num_examples) // int(batch_size)))
 
 
+def shuffled_order(key: jax.Array, num_examples: jax.Array | int, length: int) -> jax.Array:
+    """A random order of ``range(num_examples)`` in the first ``num_examples`` of ``length`` slots.
+
+    Each index draws its own random bits from ``fold_in(key, index)`` and the indices are sorted
+    by them, so the order depends only on ``key`` and ``num_examples``, never on ``length``:
+    ``num_examples`` may be a traced value (clients of different sizes in one cohort) while
+    ``length`` is static. The slots from ``num_examples`` on hold the remaining indices in
+    increasing order.
+    """
+    index = jnp.arange(length, dtype=jnp.int32)
+    bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), dtype=jnp.uint32))(index)
+    # Padding sorts last; a real index whose bits are all ones still precedes it (stable sort).
+    bits = jnp.where(index < num_examples, bits, jnp.uint32(jnp.iinfo(jnp.uint32).max))
+    return jnp.argsort(bits, stable=True).astype(jnp.int32)
+
+
+def padded_epoch(key: jax.Array, num_examples: jax.Array | int, batch_size: int, steps: int
+                 ) -> tuple[jax.Array, jax.Array]:
+    """``epoch_plan`` padded to ``steps`` rows: rows past the epoch's own are wholly masked.
+
+    The first ``num_steps(num_examples, batch_size)`` rows equal ``epoch_plan``'s whatever
+    ``steps`` is, and ``num_examples`` may be traced; this is what cohorts of clients with
+    different sizes share (see ``fdjax.core.cohort``).
+    """
+    total = steps * batch_size
+    real = jnp.arange(total) < num_examples
+    index = jnp.where(real, shuffled_order(key, num_examples, total), 0)
+    return index.reshape(steps, batch_size), real.astype(jnp.float32).reshape(steps, batch_size)
+
+
 def epoch_plan(key: jax.Array, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """A shuffled epoch as an index matrix ``[steps, batch]`` and its mask.
 
     Every example appears exactly once with mask 1; the padding of the last batch points at
-    example 0 with mask 0. ``num_examples`` and ``batch_size`` must be static.
+    example 0 with mask 0. ``num_examples`` and ``batch_size`` must be static. The order is
+    ``shuffled_order``'s, so a client trained in a cohort sees exactly the batches it sees alone.
     """
-    steps = num_steps(num_examples, batch_size)
-    order = jax.random.permutation(key, num_examples)
-    pad = steps * batch_size - num_examples
-    index = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).reshape(steps, batch_size)
-    mask = (jnp.arange(steps * batch_size) < num_examples).astype(jnp.float32)
-    return index, mask.reshape(steps, batch_size)
+    return padded_epoch(key, num_examples, batch_size, num_steps(num_examples, batch_size))
 
 
 def sample_plan(key: jax.Array, num_examples: int, batch_size: int, steps: int
