@@ -155,11 +155,41 @@ class ClientsConfig(_Section):
     batch_size: int = _f(32, _ge(1))
     optimizer: str = _f("adam", _one_of(*_OPTIMIZERS))
     learning_rate: float = _f(1e-3, _gt(0))
+    # Client machines: unset, every client has a device of its own; a number D places client i
+    # on device i mod D, shared with the other clients there (one computation at a time), and
+    # clients.speeds then gives the devices' speeds.
+    devices: int | None = _f(None, _ge(1))
+    # Train the clients a round selects on one shared device together, as one cohort (one
+    # vmapped call per step); needs clients.devices. cohort_size caps clients per call (memory).
+    cohort: bool = _f(False)
+    cohort_size: int = _f(64, _ge(1))
+    # Clients per round, as in FedAvg: a fraction of clients.count, or a count that overrides
+    # it; drawn afresh each round from the seed and the round number.
+    sample_fraction: float = _f(1.0, _within(0, 1, open_lo=True))
+    sample_count: int | None = _f(None, _ge(1))
 
     def _check(self) -> None:
-        if len(self.speeds) not in (1, self.count):
-            raise ConfigError(f"clients.speeds: must have 1 or clients.count ({self.count}) "
+        if self.devices is not None and self.devices > self.count:
+            raise ConfigError(f"clients.devices: must be at most clients.count ({self.count}), "
+                              f"got {self.devices}")
+        machines = ("clients.count", self.count) if self.devices is None else (
+            "clients.devices", self.devices)
+        if len(self.speeds) not in (1, machines[1]):
+            raise ConfigError(f"clients.speeds: must have 1 or {machines[0]} ({machines[1]}) "
                               f"entries, got {len(self.speeds)}")
+        if self.cohort and self.devices is None:
+            raise ConfigError("clients.cohort: needs clients that share devices; set "
+                              "clients.devices (for instance 1: every client on one machine)")
+        if self.sample_count is not None and self.sample_count > self.count:
+            raise ConfigError(f"clients.sample_count: must be at most clients.count "
+                              f"({self.count}), got {self.sample_count}")
+
+    @property
+    def per_round(self) -> int:
+        """Clients sampled per round."""
+        if self.sample_count is not None:
+            return self.sample_count
+        return max(1, int(round(self.sample_fraction * self.count)))
 
 
 @dataclass(frozen=True)
@@ -370,6 +400,13 @@ class Config(_Section):
             if fault.client >= count:
                 raise ConfigError(f"faults.clients: client {fault.client} does not exist "
                                   f"(clients.count is {count})")
+        if self.aggregation.quorum > self.clients.per_round:
+            raise ConfigError(f"aggregation.quorum: must be <= the clients sampled per round "
+                              f"({self.clients.per_round}), got {self.aggregation.quorum}")
+        if self.faults.parsed and self.clients.cohort:
+            raise ConfigError("faults.clients: cannot inject faults into clients trained as "
+                              "cohorts (clients.cohort = true): a cohort trains its members in "
+                              "one call, so one member cannot misbehave alone")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -398,9 +435,16 @@ class Config(_Section):
 
     @property
     def client_speeds(self) -> list[float]:
-        """Relative speed of each client, ``clients.count`` entries."""
-        speeds = self.clients.speeds
-        return list(speeds) if len(speeds) > 1 else speeds * self.clients.count
+        """Relative speed of each client's device, ``clients.count`` entries."""
+        c = self.clients
+        return [self.device_speeds[i % len(self.device_speeds)] for i in range(c.count)]
+
+    @property
+    def device_speeds(self) -> list[float]:
+        """Relative speed of each client device (one per client unless ``clients.devices``)."""
+        c = self.clients
+        machines = c.count if c.devices is None else c.devices
+        return list(c.speeds) if len(c.speeds) > 1 else c.speeds * machines
 
 
 def _section_from_dict(name: str, value: Any) -> _Section:

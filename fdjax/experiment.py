@@ -26,10 +26,13 @@ from fdjax.data import load_splits, split_federated
 from fdjax.methods import get_method
 from fdjax.runtime.channels import Mailbox, Network, Register
 from fdjax.runtime.clock import Clock, Cost, Device
-from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer, as_device_data
+from fdjax.runtime.cohorts import ClientCohort
+from fdjax.runtime.compiled import (ClientPool, CohortTrainer, Distiller, Evaluator,
+                                    LocalTrainer, as_device_data)
 from fdjax.runtime.faults import FaultyClient
 from fdjax.runtime.nodes import (AveragingServer, Client, Context, DistillationServer, Observer,
                                  supervise)
+from fdjax.runtime.sampling import ClientSampler
 from fdjax.rundir import RunDirectory
 from fdjax.runstate import RunState
 
@@ -103,6 +106,10 @@ def _program(kind: str, *settings: Any) -> Any:
         model, optimizer, learning_rate, batch_size = settings
         return LocalTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
                             batch_size)
+    if kind == "cohort":
+        model, optimizer, learning_rate, batch_size, max_lanes = settings
+        return CohortTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
+                             batch_size, max_lanes=max_lanes)
     if kind == "distiller":
         (student, teacher, optimizer, learning_rate, batch_size, steps, temperature, weight,
          augment) = settings
@@ -182,14 +189,8 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
                       if config.server.separate_devices else server_device)
     published = Register(network)
     to_server = Mailbox(network)
-    faults = list(enumerate(config.faults.parsed))
-    clients = []
-    for i, (part, speed) in enumerate(zip(fed.clients, config.client_speeds)):
-        args = (ctx, i, Device(f"client{i}", speed), as_device_data(part.arrays()), trainer,
-                config.clients.local_epochs, client_cost,
-                jax.random.fold_in(jax.random.fold_in(key, 100), i), to_server)
-        mine = [(n, f) for n, f in faults if f.client == i]
-        clients.append(FaultyClient(*args, faults=mine) if mine else Client(*args))
+    clients, client_nodes = _client_nodes(config, ctx, fed, trainer, client_spec, client_cost,
+                                          key, to_server)
     a = config.aggregation
     averaging = AveragingServer(
         ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
@@ -197,7 +198,9 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
         staleness=config.distill.staleness, rule=a.rule, trim_fraction=a.trim_fraction,
         max_delta_norm=a.max_delta_norm, round_timeout=a.round_timeout, quorum=a.quorum,
-        accept_late=not method.waits_for_distiller)
+        accept_late=not method.waits_for_distiller,
+        sample=(ClientSampler(config.clients.count, config.clients.per_round, config.seed)
+                if config.clients.per_round < config.clients.count else None))
     distiller = None
     if method.distill_mode is not None:
         dc = config.distill
@@ -247,7 +250,8 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     state.observer = observer
 
     async def main() -> None:
-        client_tasks = [asyncio.ensure_future(supervise(ctx, c)) for c in clients]
+        client_tasks = [asyncio.ensure_future(supervise(ctx, c) if isinstance(c, Client)
+                                              else c.run()) for c in client_nodes]
         tasks = [asyncio.ensure_future(averaging.run())]
         if distiller is not None:
             tasks.append(asyncio.ensure_future(distiller.run(averaging.params)))
@@ -314,6 +318,37 @@ def _run_to_completion(loop: asyncio.AbstractEventLoop, coroutine) -> None:
         return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fdjax-run") as pool:
         pool.submit(loop.run_until_complete, coroutine).result()
+
+
+def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, client_spec: tuple,
+                  cost: Cost, key: jax.Array, to_server: Mailbox) -> tuple[list[Client], list]:
+    """The clients, and the nodes that run them: each client, or a cohort per shared device.
+
+    Clients named by ``faults.clients`` are ``FaultyClient``s (not allowed in cohorts: a cohort
+    trains its members in one call, so one member cannot misbehave on its own).
+    """
+    cc = config.clients
+    prefix = "client" if cc.devices is None else "clients"
+    devices = [Device(f"{prefix}{d}", speed) for d, speed in enumerate(config.device_speeds)]
+    faults = list(enumerate(config.faults.parsed))
+    clients = []
+    for i, part in enumerate(fed.clients):
+        args = (ctx, i, devices[i % len(devices)],
+                part.arrays() if cc.cohort else as_device_data(part.arrays()), trainer,
+                cc.local_epochs, cost, jax.random.fold_in(jax.random.fold_in(key, 100), i),
+                to_server)
+        mine = [(n, f) for n, f in faults if f.client == i]
+        clients.append(FaultyClient(*args, faults=mine) if mine else Client(*args))
+    if not cc.cohort:
+        return clients, clients
+    cohort = _program("cohort", client_spec, cc.optimizer, cc.learning_rate, cc.batch_size,
+                      cc.cohort_size)
+    cohorts = []
+    for d, device in enumerate(devices):
+        members = clients[d::len(devices)]
+        pool = ClientPool.from_datasets([m.data for m in members])
+        cohorts.append(ClientCohort(ctx, device, members, cohort, pool, cc.local_epochs, cost))
+    return clients, cohorts
 
 
 def _open_run_dir(out_dir: str | Path | None, config: Config, resume: bool

@@ -142,6 +142,11 @@ def test_unknown_or_malformed(d, key):
     ("clients.speeds=[1.0, 2.0]", "clients.speeds", "clients.count"),
     ("data.source=folder", "data.root", "required"),
     ("data.limit=300", "data.proxy_size", "data.limit"),
+    ("clients.devices=4", "clients.devices", "at most clients.count (3)"),
+    ("clients.cohort=true", "clients.cohort", "set clients.devices"),
+    ("clients.sample_count=5", "clients.sample_count", "at most clients.count (3)"),
+    ("clients.sample_fraction=0", "clients.sample_fraction", "must be in (0, 1]"),
+    ("clients.cohort_size=0", "clients.cohort_size", "must be >= 1"),
     ("clients=5", "clients", "section"),
     ("clients.a.b=1", "clients.a.b", "unknown key"),
     ("nosuch.key=1", "nosuch.key", "unknown key"),
@@ -158,6 +163,17 @@ def test_contradictions_resolved_are_fine():
                                  "data.source=folder", "data.root=imgs",
                                  "data.limit=301", "clients.count=1"])
     assert cfg.stop.time_budget is None and cfg.data.root == "imgs"
+
+
+def test_shared_client_devices_take_one_speed_per_device():
+    cfg = load_config(overrides=["clients.count=5", "clients.devices=2",
+                                 "clients.speeds=[1.0, 0.5]", "clients.sample_fraction=0.5"])
+    assert cfg.device_speeds == [1.0, 0.5]
+    assert cfg.client_speeds == [1.0, 0.5, 1.0, 0.5, 1.0]  # client i on device i mod 2
+    assert cfg.clients.per_round == 2  # round(0.5 * 5)
+    with pytest.raises(ConfigError, match="clients.speeds: must have 1 or clients.devices"):
+        load_config(overrides=["clients.count=5", "clients.devices=2",
+                               "clients.speeds=[1.0, 0.5, 0.5, 0.5, 0.5]"])
 
 
 def test_direct_construction_validates():

@@ -13,7 +13,8 @@ to a thread would let the clock jump past it.
 many computations it runs at once; nodes on a one-slot device never overlap). ``Clock.compute``
 runs a function on a device and charges its cost: measured (each call's wall time), calibrated
 (each program's fastest of a few timed calls, then that figure for every call) or fixed (per
-example).
+example). ``Clock.compute_shared`` runs one call for several nodes on one device (a cohort of
+clients) and charges each node its share.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -141,35 +142,78 @@ class Clock:
         ``fn`` must be pure (the nodes' programs are) since it runs more than once. ``label``
         names the computation in the calibration record.
         """
+        result, (charged,) = await self.compute_shared(
+            device, fn, cost=cost, examples=[examples], program=program, nodes=[node],
+            label=label)
+        return result, charged
+
+    async def compute_shared(self, device: Device, fn: Callable[[], Any], *, cost: Cost,
+                             examples: Sequence[int], nodes: Sequence[str], program: Any = None,
+                             label: str = "", on_start: Callable[[int], None] | None = None,
+                             on_end: Callable[[int, Any], None] | None = None
+                             ) -> tuple[Any, list[float]]:
+        """Runs ``fn()`` once for several nodes sharing ``device``; charges each node its share.
+
+        A cohort of clients on one device is one call. The call is charged as ``compute`` would
+        charge it for all their examples, and that time is split among ``nodes`` in proportion
+        to their ``examples``; with a fixed cost each node is charged exactly what it would be
+        alone (``seconds_per_example * examples / speed``). The device is held for the shares one
+        after another, in the order given, so its intervals and each node's busy time read as if
+        the nodes had run one at a time: ``on_start(i)`` and ``on_end(i, result)`` are called as
+        node ``i``'s share starts and ends. On the real clock every share ends when the call
+        does.
+
+        Returns:
+            ``fn()``'s result and the seconds charged to each node.
+        """
+        on_start = on_start or (lambda i: None)
+        on_end = on_end or (lambda i, result: None)
         async with device.semaphore:
             start = self.now()
             if not self.virtual:
+                for i in range(len(nodes)):
+                    on_start(i)
                 result, _ = await asyncio.to_thread(self.timed, fn)
-                device.intervals.append((start, self.now(), node))
-                return result, self.now() - start
+                shares = _split(self.now() - start, examples)
+                for i, share in enumerate(shares):
+                    device.intervals.append((start, start + share, nodes[i]))
+                    start += share
+                    on_end(i, result)
+                return result, shares
             if cost.mode == "fixed":
                 result, _ = self.timed(fn)
-                charged = cost.seconds_per_example * examples / device.speed
+                shares = [cost.seconds_per_example * n / device.speed for n in examples]
             else:
-                if program is not None and program not in _COMPILED:
-                    # compile; pure functions give the same result again
-                    self.timed(fn, compiling=True)
-                    _COMPILED.add(program)
-                calibrated = cost.mode == "calibrated" and program is not None
-                calibrate = calibrated and program not in _CALIBRATED
-                extra = [self.timed(fn, compiling=True)[1]
-                         for _ in range(CALIBRATION_CALLS - 1)] if calibrate else []
-                result, wall = self.timed(fn)
-                if calibrate:
-                    _CALIBRATED[program] = min(extra + [wall])
-                if calibrated:
-                    wall = _CALIBRATED[program]
-                    self.calibrated[f"{node} {label}".strip()] = wall
-                charged = wall / device.speed
-            await self.sleep(charged)
-            device.intervals.append((start, self.now(), node))
-            return result, charged
+                name = nodes[0] if len(nodes) == 1 else device.name
+                result, wall = self._charge(fn, cost, program, f"{name} {label}".strip())
+                shares = _split(wall / device.speed, examples)
+            for i, share in enumerate(shares):
+                on_start(i)
+                begin = self.now()
+                await self.sleep(share)
+                device.intervals.append((begin, self.now(), nodes[i]))
+                on_end(i, result)
+            return result, shares
 
+    def _charge(self, fn: Callable[[], Any], cost: Cost, program: Any, name: str
+                ) -> tuple[Any, float]:
+        """Runs ``fn()`` and returns its result and the wall seconds a measured or calibrated
+        cost charges for it (compiling first where ``program`` is new)."""
+        if program is not None and program not in _COMPILED:
+            # compile; pure functions give the same result again
+            self.timed(fn, compiling=True)
+            _COMPILED.add(program)
+        calibrated = cost.mode == "calibrated" and program is not None
+        calibrate = calibrated and program not in _CALIBRATED
+        extra = [self.timed(fn, compiling=True)[1]
+                 for _ in range(CALIBRATION_CALLS - 1)] if calibrate else []
+        result, wall = self.timed(fn)
+        if calibrate:
+            _CALIBRATED[program] = min(extra + [wall])
+        if calibrated:
+            wall = _CALIBRATED[program]
+            self.calibrated[name] = wall
+        return result, wall
 
     def timed(self, fn: Callable[[], Any], compiling: bool = False) -> tuple[Any, float]:
         """Runs ``fn()`` to completion; returns its result and wall seconds.
@@ -185,3 +229,13 @@ class Clock:
         else:
             self.compute_seconds += elapsed
         return result, elapsed
+
+
+def _split(seconds: float, examples: Sequence[int]) -> list[float]:
+    """``seconds`` shared in proportion to ``examples`` (equally if there are none)."""
+    if len(examples) == 1:
+        return [seconds]
+    total = sum(examples)
+    if total <= 0:
+        return [seconds / len(examples)] * len(examples)
+    return [seconds * n / total for n in examples]

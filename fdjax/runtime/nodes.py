@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -190,6 +190,9 @@ class AveragingServer:
             clients that have not answered (None: wait for all of them).
         quorum: valid updates a round needs before its timeout may close it.
         accept_late: whether updates built on an earlier round's model join the current round.
+        sample: the clients (indices into ``clients``) that take part in a round, given the
+            round number (see ``fdjax.runtime.sampling``); every client when None. A round
+            serves and waits for only the sampled clients that have no work outstanding.
     """
 
     def __init__(self, ctx: Context, device: Device, params: Any, clients: list[Client],
@@ -198,8 +201,10 @@ class AveragingServer:
                  staleness: str = "polynomial", on_round: Callable[[int], None] | None = None,
                  rule: str = "fedavg", trim_fraction: float = 0.1,
                  max_delta_norm: float | None = None, round_timeout: float | None = None,
-                 quorum: int = 1, accept_late: bool = False):
+                 quorum: int = 1, accept_late: bool = False,
+                 sample: Callable[[int], Sequence[int]] | None = None):
         self.ctx, self.device, self.params, self.clients = ctx, device, params, clients
+        self.sample = sample
         self.cost, self.published = cost, published
         self.wait_for_distiller, self.mix_distilled = wait_for_distiller, mix_distilled
         self.mix_alpha, self.staleness = mix_alpha, staleness
@@ -223,7 +228,10 @@ class AveragingServer:
                 self.params = await _wait(self.ctx, self.stats, self.from_distiller.receive())
             elif self.mix_distilled:
                 await self._mix_pending()
-            waiting = {c.index for c in self.clients if c.index not in self.serving}
+            selected = (range(len(self.clients)) if self.sample is None
+                        else self.sample(self.round))
+            waiting = {i for i in selected if i not in self.serving}
+            self.ctx.log(self.name, "round_start", round=self.round, clients=sorted(waiting))
             for index in sorted(waiting):
                 self._serve(index)
             accepted = await self._collect(waiting)
