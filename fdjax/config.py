@@ -159,10 +159,13 @@ class ClientsConfig(_Section):
     # on device i mod D, shared with the other clients there (one computation at a time), and
     # clients.speeds then gives the devices' speeds.
     devices: int | None = _f(None, _ge(1))
-    # Train the clients a round selects on one shared device together, as one cohort (one
-    # vmapped call per step); needs clients.devices. cohort_size caps clients per call (memory).
+    # Train the clients a round selects on one shared device together, as one cohort; needs
+    # clients.devices. cohort_size caps clients per compiled call (memory). cohort_lanes: "vmap"
+    # maps one step over the whole cohort, "sequential" steps its clients in turn, "auto" picks
+    # sequential on CPU (vmapped convolutions measured slower there) and vmap elsewhere.
     cohort: bool = _f(False)
     cohort_size: int = _f(64, _ge(1))
+    cohort_lanes: str = _f("auto", _one_of("auto", "vmap", "sequential"))
     # Clients per round, as in FedAvg: a fraction of clients.count, or a count that overrides
     # it; drawn afresh each round from the seed and the round number.
     sample_fraction: float = _f(1.0, _within(0, 1, open_lo=True))

@@ -3,6 +3,8 @@
 It holds no learning math: nodes call ``fdjax.core`` through the compiled programs.
 """
 
-from fdjax.runtime.compiled import DRIVERS, Distiller, Evaluator, LocalTrainer, resolve_driver
+from fdjax.runtime.compiled import (DRIVERS, LANES, ClientPool, CohortTrainer, Distiller,
+                                    Evaluator, LocalTrainer, resolve_driver, resolve_lanes)
 
-__all__ = ["DRIVERS", "Distiller", "Evaluator", "LocalTrainer", "resolve_driver"]
+__all__ = ["DRIVERS", "LANES", "ClientPool", "CohortTrainer", "Distiller", "Evaluator",
+           "LocalTrainer", "resolve_driver", "resolve_lanes"]

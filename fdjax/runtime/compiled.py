@@ -166,6 +166,25 @@ def cohort_chunks(steps: Sequence[int], max_lanes: int) -> list[np.ndarray]:
     return chunks
 
 
+LANES = ("auto", "vmap", "sequential")
+
+
+def resolve_lanes(lanes: str = "auto", backend: str | None = None) -> str:
+    """How a cohort's clients run: all in one ``vmap``-ed step, or one after another.
+
+    ``"auto"`` picks ``"sequential"`` on CPU and ``"vmap"`` elsewhere. On XLA CPU a ``vmap``-ed
+    convolution with per-client kernels (a grouped convolution) ran 2-10x slower than the same
+    convolutions one client at a time (``experiments/bench_cohort``), so there a cohort keeps the
+    one pool and the shape-bucketed programs (no program per client size) but steps its clients
+    in turn; on GPUs, where a single small client leaves the device idle, it maps them together.
+    """
+    if lanes not in LANES:
+        raise ValueError(f"unknown cohort lanes {lanes!r}; choose one of {list(LANES)}")
+    if lanes != "auto":
+        return lanes
+    return "sequential" if (backend or jax.default_backend()) == "cpu" else "vmap"
+
+
 class CohortTrainer:
     """Local epochs of many clients at once, compiled once per cohort shape.
 
@@ -177,29 +196,39 @@ class CohortTrainer:
         model: the model the clients train.
         optimizer: an optax optimizer.
         batch_size: examples per step.
-        driver: "auto", "loop" or "scan" (see the module docstring).
+        driver: "auto", "loop" or "scan" for the steps of a ``vmap``-ed cohort (see the module
+            docstring); sequential lanes always loop.
+        lanes: "auto", "vmap" (one ``vmap``-ed step per batch for the whole cohort) or
+            "sequential" (each client's own steps in turn); see ``resolve_lanes``.
         max_lanes: most clients in one compiled call (bounds memory: activations scale with it).
     """
 
     def __init__(self, model: Model, optimizer: optax.GradientTransformation, batch_size: int,
-                 driver: str = "auto", max_lanes: int = 64):
+                 driver: str = "auto", lanes: str = "auto", max_lanes: int = 64):
         if int(batch_size) < 1 or int(max_lanes) < 1:
             raise ValueError(f"batch_size and max_lanes must be >= 1, got {batch_size} and "
                              f"{max_lanes}")
         self.model, self.optimizer, self.batch_size = model, optimizer, int(batch_size)
         self.max_lanes = int(max_lanes)
-        self.driver = resolve_driver(driver)
-        step = functools.partial(cohort.masked_train_step, apply_fn=model.apply_fn,
-                                 optimizer=optimizer)
-        self.step = _compile(functools.partial(cohort.cohort_planned_step, step))
+        self.lanes = resolve_lanes(lanes)
+        self.driver = resolve_driver(driver) if self.lanes == "vmap" else "loop"
+        settings = dict(apply_fn=model.apply_fn, optimizer=optimizer)
         self.plan = _compile(cohort.cohort_epoch_plan, static_argnums=(3, 4))
+        self.fold = _compile(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+        # vmap: the whole cohort in each call
+        self.step = _compile(functools.partial(
+            cohort.cohort_planned_step, functools.partial(cohort.masked_train_step, **settings)))
         self.scan_epoch = _compile(functools.partial(
-            cohort.scan_cohort_epoch, apply_fn=model.apply_fn, optimizer=optimizer,
-            batch_size=self.batch_size), static_argnames=("steps",))
+            cohort.scan_cohort_epoch, batch_size=self.batch_size, **settings),
+            static_argnames=("steps",))
         self.start = _compile(functools.partial(cohort.cohort_init, optimizer=optimizer),
                               static_argnums=(1,))
-        self.fold = _compile(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
         self.unstack = _compile(_unstack, static_argnums=(1,))
+        # sequential: one client's step, its row of the cohort's plan picked inside
+        self.lane_step = _compile(functools.partial(
+            _lane_step, functools.partial(training.train_step, **settings)))
+        self.lane_start = _compile(functools.partial(training.init_train_state,
+                                                     optimizer=optimizer))
         self._shapes: set[tuple[int, int]] = set()
 
     def chunks(self, pool: ClientPool, members: Sequence[int]) -> list[np.ndarray]:
@@ -215,8 +244,8 @@ class CohortTrainer:
     def warm(self, params: Any, pool: ClientPool, members: Sequence[int]) -> bool:
         """Compiles the programs ``train`` will need for ``members``; True if any was new.
 
-        Runs each new cohort shape once on lanes with no examples (wholly masked, so cheap on
-        the loop driver), so that a timed ``train`` never includes compilation.
+        Runs one step of each new cohort shape on lanes with no examples, so that a timed
+        ``train`` never includes compilation.
         """
         members = np.asarray(members, np.int64)
         new = False
@@ -225,15 +254,20 @@ class CohortTrainer:
             if (lanes, bucket) in self._shapes:
                 continue
             empty = np.zeros(lanes, np.int32)
-            keys = jax.random.split(jax.random.key(0), lanes)
-            state = self.start(params, lanes)
-            if self.driver == "scan":
-                state, _ = self.scan_epoch(state, pool.data, keys, empty, empty, steps=bucket)
+            keys = self.fold(jax.random.split(jax.random.key(0), lanes), np.int32(0))
+            plan, step_keys = self.plan(keys, empty, empty, self.batch_size, bucket)
+            if self.lanes == "sequential":
+                out = self.lane_step(self.lane_start(params), pool.data, plan, np.int32(0),
+                                     step_keys, np.int32(0))
+            elif self.driver == "scan":
+                state, _ = self.scan_epoch(self.start(params, lanes), pool.data, keys, empty,
+                                           empty, steps=bucket)
+                out = self.unstack(state.params, lanes)
             else:
-                plan, step_keys = self.plan(keys, empty, empty, self.batch_size, bucket)
-                state, _ = self.step(state, pool.data, plan, np.int32(0), step_keys)
-            jax.block_until_ready(self.unstack(state.params, lanes))
-            self.fold(keys, np.int32(0))
+                state, _ = self.step(self.start(params, lanes), pool.data, plan, np.int32(0),
+                                     step_keys)
+                out = self.unstack(state.params, lanes)
+            jax.block_until_ready(out)
             self._shapes.add((lanes, bucket))
             new = True
         return new
@@ -260,32 +294,62 @@ class CohortTrainer:
         trained: list[Any] = [None] * len(members)
         metrics: list[Any] = [None] * len(members)
         totals = []
+        run = self._vmapped if self.lanes == "vmap" else self._sequential
         for chunk in self.chunks(pool, members):
             rows = members[chunk]
             lanes, steps, bucket = self._shape(pool, rows)
-            sizes, offsets = pool.sizes[rows], pool.offsets[rows]
             chunk_keys = self.fold(keys[rows], np.int32(version))
-            state = self.start(params, lanes)
-            parts = []
-            for epoch in range(epochs):
-                epoch_keys = self.fold(chunk_keys, np.int32(epoch))
-                if self.driver == "scan":
-                    state, stats = self.scan_epoch(state, pool.data, epoch_keys, sizes, offsets,
-                                                   steps=bucket)
-                    parts.append(stats)
-                    continue
-                plan, step_keys = self.plan(epoch_keys, sizes, offsets, self.batch_size, bucket)
-                for step in range(steps):
-                    state, stats = self.step(state, pool.data, plan, np.int32(step), step_keys)
-                    parts.append(stats)
+            out, total = run(params, pool, chunk_keys, pool.sizes[rows], pool.offsets[rows],
+                             steps, bucket, epochs)
             self._shapes.add((lanes, bucket))
-            for position, tree in zip(chunk, self.unstack(state.params, lanes)):
+            for position, tree in zip(chunk, out):
                 trained[position] = tree
-            totals.append((chunk, _sum_metrics(parts)))
+            totals.append((chunk, total))
         for chunk, total in jax.device_get(totals):
             for lane, position in enumerate(chunk):
                 metrics[position] = {k: v[lane] for k, v in total.items()}
         return trained, metrics
+
+    def _vmapped(self, params, pool, keys, sizes, offsets, steps, bucket, epochs):
+        lanes = len(sizes)
+        state = self.start(params, lanes)
+        parts = []
+        for epoch in range(epochs):
+            epoch_keys = self.fold(keys, np.int32(epoch))
+            if self.driver == "scan":
+                state, stats = self.scan_epoch(state, pool.data, epoch_keys, sizes, offsets,
+                                               steps=bucket)
+                parts.append(stats)
+                continue
+            plan, step_keys = self.plan(epoch_keys, sizes, offsets, self.batch_size, bucket)
+            for step in range(steps):
+                state, stats = self.step(state, pool.data, plan, np.int32(step), step_keys)
+                parts.append(stats)
+        return self.unstack(state.params, lanes), _sum_metrics(parts)
+
+    def _sequential(self, params, pool, keys, sizes, offsets, steps, bucket, epochs):
+        states = [self.lane_start(params) for _ in sizes]
+        parts: list[list] = [[] for _ in sizes]
+        for epoch in range(epochs):
+            plan, step_keys = self.plan(self.fold(keys, np.int32(epoch)), sizes, offsets,
+                                        self.batch_size, bucket)
+            for lane, size in enumerate(sizes):
+                for step in range(training.num_steps(size, self.batch_size)):
+                    states[lane], stats = self.lane_step(states[lane], pool.data, plan,
+                                                         np.int32(step), step_keys,
+                                                         np.int32(lane))
+                    parts[lane].append(stats)
+        per_lane = [_sum_metrics(p) for p in parts]
+        return [s.params for s in states], jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                                                  *per_lane)
+
+
+def _lane_step(step_fn, state: TrainState, data: dict[str, jax.Array],
+               plan: tuple[jax.Array, jax.Array], step: jax.Array, keys: jax.Array,
+               lane: jax.Array):
+    """Step ``step`` of client ``lane`` of a cohort's plan, the client's own state alone."""
+    return training.planned_step(step_fn, state, data, (plan[0][lane], plan[1][lane]), step,
+                                 keys[lane])
 
 
 def _unstack(tree: Any, lanes: int) -> list[Any]:

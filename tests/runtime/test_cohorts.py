@@ -47,7 +47,8 @@ def test_cohort_chunks_bucket_steps_and_never_pad_a_lane():
     assert sorted(len(c) for c in chunks if steps[c[0]] == 1) == [2, 4]
 
 
-def test_cohort_trainer_equals_local_training_and_compiles_each_shape_once(traces):
+@pytest.mark.parametrize("lanes", ["vmap", "sequential"])
+def test_cohort_trainer_equals_local_training_and_compiles_each_shape_once(lanes, traces):
     model = make_model("cnn6", input_shape=(8, 8, 1), num_classes=4, width=0.25)
     optimizer, batch = make_optimizer(), 16
     sizes = [5, 12, 40, 40]  # 1, 1, 3 and 3 steps: two calls of two clients, buckets 1 and 4
@@ -57,7 +58,7 @@ def test_cohort_trainer_equals_local_training_and_compiles_each_shape_once(trace
     pool = ClientPool.from_datasets(clients)
     keys = jax.random.split(jax.random.key(5), len(sizes))
     params = model.init(jax.random.key(0))
-    trainer = CohortTrainer(model, optimizer, batch, driver="loop", max_lanes=2)
+    trainer = CohortTrainer(model, optimizer, batch, driver="loop", lanes=lanes, max_lanes=2)
     trained, metrics = trainer.train(params, pool, [0, 1, 2, 3], keys, version=3, epochs=2)
     assert [int(m["count"]) for m in metrics] == [2 * n for n in sizes]
     first = dict(traces)
