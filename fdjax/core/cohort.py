@@ -10,7 +10,7 @@ Clients of unequal size: each client's epoch is ``training.padded_epoch`` padded
 number of steps. A client with fewer batches does wholly masked steps, and ``masked_train_step``
 leaves the whole state untouched on such a step (parameters and optimizer state, Adam's step
 count included). A client therefore ends a cohort epoch where it would end alone: the same batches
-in the same order (``training.epoch_plan`` draws the same shuffle), up to float rounding of the
+in the same order (``training.shuffled_order`` gives ``epoch_plan``'s permutation), up to float rounding of the
 batched kernels. A lane of size 0 never changes.
 
 Keys follow ``fdjax.runtime.LocalTrainer.epoch``: a client's epoch key splits into a plan key and

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -127,20 +128,43 @@ def num_steps(num_examples: int, batch_size: int) -> int:
     return max(1, -(-int(num_examples) // int(batch_size)))
 
 
-def shuffled_order(key: jax.Array, num_examples: jax.Array | int, length: int) -> jax.Array:
-    """A random order of ``range(num_examples)`` in the first ``num_examples`` of ``length`` slots.
+def _shuffle_rounds(num_examples: int) -> int:
+    """Sorting rounds ``jax.random.permutation`` spends on ``num_examples`` items (JAX's rule)."""
+    umax = float(np.iinfo(np.uint32).max)
+    return int(np.ceil(3 * np.log(max(1, num_examples)) / np.log(umax)))
 
-    Each index draws its own random bits from ``fold_in(key, index)`` and the indices are sorted
-    by them, so the order depends only on ``key`` and ``num_examples``, never on ``length``:
-    ``num_examples`` may be a traced value (clients of different sizes in one cohort) while
-    ``length`` is static. The slots from ``num_examples`` on hold the remaining indices in
-    increasing order.
+
+def _round_thresholds(length: int) -> list[int]:
+    """The smallest item counts that take 1, 2, ... sorting rounds, up to ``length`` items."""
+    thresholds = []
+    for rounds in range(1, _shuffle_rounds(length) + 1):
+        low, high = 1, length  # smallest n <= length with _shuffle_rounds(n) >= rounds
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if _shuffle_rounds(mid) < rounds else (low, mid)
+        thresholds.append(low)
+    return thresholds
+
+
+def shuffled_order(key: jax.Array, num_examples: jax.Array | int, length: int) -> jax.Array:
+    """``jax.random.permutation(key, num_examples)`` in the first ``num_examples`` of ``length``.
+
+    ``jax.random.permutation`` sorts the items by fresh random bits for a few rounds, and (with
+    JAX's default partitionable threefry) the bits of item ``i`` do not depend on how many items
+    there are. So the same rounds over ``length`` slots, with the slots from ``num_examples`` on
+    sorting last, give exactly the permutation of ``num_examples`` items while ``length`` stays
+    static and ``num_examples`` may be traced (clients of different sizes in one cohort). The
+    slots from ``num_examples`` on hold the remaining indices, in no particular order.
     """
-    index = jnp.arange(length, dtype=jnp.int32)
-    bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), dtype=jnp.uint32))(index)
-    # Padding sorts last; a real index whose bits are all ones still precedes it (stable sort).
-    bits = jnp.where(index < num_examples, bits, jnp.uint32(jnp.iinfo(jnp.uint32).max))
-    return jnp.argsort(bits, stable=True).astype(jnp.int32)
+    slot = jnp.arange(length, dtype=jnp.int32)
+    padding = (slot >= num_examples).astype(jnp.int32)
+    order = slot
+    for threshold in _round_thresholds(length):
+        key, subkey = jax.random.split(key)
+        bits = jax.random.bits(subkey, (length,), jnp.uint32)
+        _, _, sorted_order = jax.lax.sort((padding, bits, order), num_keys=2, is_stable=True)
+        order = jnp.where(num_examples >= threshold, sorted_order, order)
+    return order
 
 
 def padded_epoch(key: jax.Array, num_examples: jax.Array | int, batch_size: int, steps: int
@@ -161,10 +185,15 @@ def epoch_plan(key: jax.Array, num_examples: int, batch_size: int) -> tuple[jax.
     """A shuffled epoch as an index matrix ``[steps, batch]`` and its mask.
 
     Every example appears exactly once with mask 1; the padding of the last batch points at
-    example 0 with mask 0. ``num_examples`` and ``batch_size`` must be static. The order is
-    ``shuffled_order``'s, so a client trained in a cohort sees exactly the batches it sees alone.
+    example 0 with mask 0. ``num_examples`` and ``batch_size`` must be static. ``padded_epoch``
+    reproduces it, so a client trained in a cohort sees exactly the batches it sees alone.
     """
-    return padded_epoch(key, num_examples, batch_size, num_steps(num_examples, batch_size))
+    steps = num_steps(num_examples, batch_size)
+    order = jax.random.permutation(key, num_examples)
+    pad = steps * batch_size - num_examples
+    index = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).reshape(steps, batch_size)
+    mask = (jnp.arange(steps * batch_size) < num_examples).astype(jnp.float32)
+    return index, mask.reshape(steps, batch_size)
 
 
 def sample_plan(key: jax.Array, num_examples: int, batch_size: int, steps: int

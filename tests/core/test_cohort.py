@@ -126,3 +126,17 @@ def test_a_clients_plan_depends_only_on_its_key_and_size():
     alone_index, alone_mask = fns["epoch_plan"](plan_key, 37, 8)
     np.testing.assert_array_equal(alone_index, index[0, :5])
     np.testing.assert_array_equal(alone_mask, mask[0, :5])
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 50, 1625, 1626, 3000])
+def test_shuffled_order_is_jax_permutation_for_any_padded_length(size):
+    # 1626 items and up take a second sorting round in jax.random.permutation; the padded order
+    # must follow it there too, or a cohort member would see other batches than it sees alone.
+    order = jax.jit(training.shuffled_order, static_argnums=2)
+    for seed in range(2):
+        key = jax.random.key(seed)
+        expected = np.asarray(jax.random.permutation(key, size)) if size else np.zeros(0)
+        for length in (max(size, 1), size + 37):
+            got = np.asarray(order(key, size, length))
+            np.testing.assert_array_equal(got[:size], expected)
+            np.testing.assert_array_equal(np.sort(got[size:]), np.arange(size, length))
