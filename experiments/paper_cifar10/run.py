@@ -17,9 +17,10 @@ left off, and several processes can share a study (``--methods`` picks and order
     python experiments/paper_cifar10/run.py --study iid [--data-dir DIR] [--set KEY=VALUE ...]
     python experiments/paper_cifar10/run.py --report
 
-Costs are calibrated (``cost.mode = "calibrated"``): each program is charged the fastest of a few
-timed calls, the same for every method run by one process, so the methods differ only in how
-they schedule the same work. Run the studies you want in one process (``--study iid seeds``).
+Costs are fixed per program (``cost.mode = "fixed"``, the table ``calibrate.py`` measured), so the
+methods differ only in how they schedule the same work, a run is exactly reproducible, and the
+machine's load changes only the wall time. Run the studies you want in one process
+(``--study iid seeds``) or in several at once.
 """
 
 from __future__ import annotations
