@@ -231,3 +231,16 @@ def test_every_recorded_experiment_config_loads():
     assert configs
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["clients.sample_count=2", "aggregation.quorum=3"], "aggregation.quorum",
+     "clients sampled per round (2)"),
+    (["clients.devices=1", "clients.cohort=true", "faults.clients=['crash:0@1']"],
+     "faults.clients", "cohorts"),
+])
+def test_settings_that_contradict_each_other_name_a_key(overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    message = str(info.value)
+    assert key in message and words in message and "\n" not in message
