@@ -4,6 +4,8 @@
 ``fdjax train`` trains one model of the CNN family on one dataset (the embedded offline digits by
 default): a quick check that the compiled core learns on this machine, with a progress bar.
 ``fdjax run --resume DIR`` continues a killed run from its newest usable checkpoint.
+``fdjax run`` and ``fdjax compare`` take ``--backend ray [--address ADDR]``: every node's
+computation in a Ray actor, on a local Ray instance fdjax starts or on the cluster at ADDR.
 Bad input is reported as one line on stderr with exit status 2, never as a traceback.
 """
 
@@ -76,7 +78,21 @@ def _load(args: argparse.Namespace):
     overrides = list(args.set or [])
     if getattr(args, "method", None):
         overrides.insert(0, f"method={args.method}")
-    return load_config(args.config, overrides)
+    if args.backend is not None:  # Ray runs on the real clock
+        overrides[:0] = [f"backend={args.backend}"] + (
+            ["clock=real"] if args.backend == "ray" else [])
+    if args.address is not None:
+        overrides.append(f"ray.address={_toml_string(args.address)}")
+    config = load_config(args.config, overrides)
+    if args.address is not None and config.backend != "ray":
+        raise ValueError("--address joins a Ray cluster; it needs --backend ray")
+    return config
+
+
+def _toml_string(text: str) -> str:
+    import json
+
+    return json.dumps(text)
 
 
 class _Progress:
@@ -102,7 +118,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         given = [flag for flag, value in (("--config", args.config), ("--set", args.set),
-                                          ("--method", args.method), ("--out", args.out))
+                                          ("--method", args.method), ("--out", args.out),
+                                          ("--backend", args.backend),
+                                          ("--address", args.address))
                  if value]
         if given:
             raise ValueError(f"--resume continues a run with the config in DIR/config.toml; "
@@ -160,6 +178,13 @@ def _add_config_args(parser: argparse.ArgumentParser, default_out: str | None) -
                         help="override a config key, e.g. --set clients.count=5 (repeatable)")
     parser.add_argument("--out", default=default_out,
                         help=f"output directory ({default_out or 'runs/run'})")
+    parser.add_argument("--backend", default=None, choices=("inprocess", "ray"),
+                        help="where nodes run: inprocess (default) or ray (each node's "
+                             "computation in a Ray actor, on the real clock; pip install "
+                             "\"fdjax[ray]\")")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="with --backend ray: join the Ray cluster at ADDR (auto, HOST:6379 "
+                             "or ray://HOST:10001) instead of starting a local Ray instance")
 
 
 def build_parser() -> argparse.ArgumentParser:

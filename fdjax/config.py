@@ -308,6 +308,66 @@ class CheckpointConfig(_Section):
     keep: int = _f(2, _ge(2))
 
 
+_RESOURCE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_.:-]*)=(?P<amount>\d+(?:\.\d*)?)$")
+
+
+def _resource_check(text: str) -> str | None:
+    m = _RESOURCE.match(text.strip())
+    if m is None or float(m["amount"]) <= 0:
+        return f"expected NAME=AMOUNT with AMOUNT > 0 (a Ray custom resource), got {text!r}"
+    if m["name"] in ("CPU", "GPU", "memory"):
+        return f"{m['name']} is set by the role's cpus/gpus keys, not as a custom resource"
+    return None
+
+
+def parse_resources(entries: Sequence[str]) -> dict[str, float]:
+    """``["NAME=AMOUNT", ...]`` (already checked) as the dict Ray's ``resources=`` takes."""
+    return {name.strip(): float(amount) for name, amount in
+            (entry.split("=", 1) for entry in entries)}
+
+
+@dataclass(frozen=True)
+class RayConfig(_Section):
+    """Where the Ray backend (``backend = "ray"``) runs and how it places each node's actor.
+
+    Every client, the averaging server and the distillation server become one Ray actor each;
+    a role's ``*_cpus``, ``*_gpus`` and ``*_resources`` are what each of its actors asks Ray for,
+    so placement follows the cluster: for instance ``client_resources = ["client_machine=1"]``
+    with each client machine started by ``ray start --resources='{"client_machine": 1}'`` puts
+    one client on each machine, and ``server_resources = ["server_machine=1"]`` with the head
+    offering ``server_machine: 2`` puts both servers on it. Fractions share a CPU or GPU.
+    """
+
+    _section: ClassVar[str] = "ray"
+    # None: fdjax starts a local Ray instance (and stops it afterwards); "auto" joins the
+    # cluster this machine is part of (`ray start`), "ray://HOST:10001" joins one remotely.
+    address: str | None = _f(None)
+    # Logical CPUs and GPUs of a local instance fdjax starts (unset: enough CPUs for every
+    # actor however many cores the machine has, and the GPUs Ray detects).
+    num_cpus: int | None = _f(None, _ge(1))
+    num_gpus: int | None = _f(None, _ge(0))
+    server_cpus: float = _f(1.0, _ge(0))
+    server_gpus: float = _f(0.0, _ge(0))
+    server_resources: list[str] = _f(check=_resource_check, factory=list)
+    client_cpus: float = _f(1.0, _ge(0))
+    client_gpus: float = _f(0.0, _ge(0))
+    client_resources: list[str] = _f(check=_resource_check, factory=list)
+    # GPU memory each GPU actor's JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION); unset: 90% of
+    # the actor's GPU share, so actors sharing a GPU fit beside each other.
+    gpu_memory_fraction: float | None = _f(None, _within(0, 1, open_lo=True))
+    # Seconds to wait for every actor to be placed and started before giving up with an error
+    # (a cluster without the resources asked for would otherwise wait forever).
+    start_timeout: float = _f(300.0, _gt(0))
+
+    def _check(self) -> None:
+        if self.address is not None and not self.address.strip():
+            raise ConfigError("ray.address: must not be empty (unset it to start a local Ray)")
+        for name in ("num_cpus", "num_gpus"):
+            if self.address is not None and getattr(self, name) is not None:
+                raise ConfigError(f"ray.{name}: only for a Ray instance fdjax starts itself; "
+                                  f"the cluster at ray.address has its own")
+
+
 FAULT_KINDS = ("crash", "hang", "nan", "inf", "shape", "dtype", "norm", "tree", "version",
                "examples")
 _FAULT = re.compile(r"^(?P<kind>[a-z]+):(?P<client>\d+)@(?P<round>\d+)"
@@ -372,7 +432,8 @@ class FaultsConfig(_Section):
 _SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig, "clients": ClientsConfig, "server": ServerConfig, "models": ModelsConfig,
     "distill": DistillConfig, "cost": CostConfig, "stop": StopConfig,
-    "aggregation": AggregationConfig, "checkpoint": CheckpointConfig, "faults": FaultsConfig}
+    "aggregation": AggregationConfig, "checkpoint": CheckpointConfig, "faults": FaultsConfig,
+    "ray": RayConfig}
 
 
 @dataclass(frozen=True)
@@ -382,6 +443,9 @@ class Config(_Section):
     method: str = _f("async-continuous", _one_of(
         "sync-fwd", "sync", "async-round", "async-continuous", "async-fwd", "fedavg-large"))
     clock: str = _f("virtual", _one_of("virtual", "real"))
+    # Where the nodes run: "inprocess" (asyncio tasks and threads of this process) or "ray"
+    # (each node's computation in a Ray actor; see [ray]).
+    backend: str = _f("inprocess", _one_of("inprocess", "ray"))
     seed: int = _f(0, _ge(0))
     data: DataConfig = _f(factory=DataConfig)
     clients: ClientsConfig = _f(factory=ClientsConfig)
@@ -393,9 +457,15 @@ class Config(_Section):
     aggregation: AggregationConfig = _f(factory=AggregationConfig)
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig)
     faults: FaultsConfig = _f(factory=FaultsConfig)
+    ray: RayConfig = _f(factory=RayConfig)
 
     def _check(self) -> None:
         count = self.clients.count
+        if self.backend == "ray" and self.clock != "real":
+            raise ConfigError('clock: the Ray backend runs on the real clock; set clock = "real"')
+        if self.backend == "ray" and self.clients.cohort:
+            raise ConfigError("clients.cohort: not available with backend = \"ray\", where "
+                              "every client is a Ray actor of its own")
         if self.aggregation.quorum > count:
             raise ConfigError(f"aggregation.quorum: must be <= clients.count ({count}), got "
                               f"{self.aggregation.quorum}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,10 +21,10 @@ import jax
 import numpy as np
 
 from fdjax import report
-from fdjax.config import Config, config_to_toml
+from fdjax.config import Config, config_to_toml, parse_resources
 from fdjax.core import OptimizerSettings, make_model, make_optimizer
 from fdjax.data import load_splits, split_federated
-from fdjax.methods import get_method
+from fdjax.methods import Method, get_method
 from fdjax.runtime.channels import Mailbox, Network, Register
 from fdjax.runtime.clock import Clock, Cost, Device
 from fdjax.runtime.cohorts import ClientCohort
@@ -62,6 +63,8 @@ class Run:
         rejected: every update the averaging server rejected: time, round, client, reason.
         resumes: for each time this run was resumed: the checkpoint used, its round and time,
             and the problems with newer checkpoints that were skipped.
+        placement: with the Ray backend, where each node's actor ran (host, process, Ray node,
+            JAX devices); None in-process.
     """
 
     config: Config
@@ -76,6 +79,7 @@ class Run:
     out_dir: Path | None = None
     rejected: list[dict] = dataclasses.field(default_factory=list)
     resumes: list[dict] = dataclasses.field(default_factory=list)
+    placement: dict[str, dict] | None = None
 
     def summary(self, target: float | None = None) -> dict:
         """Time to ``target`` (default: the config's, else 0.6), final accuracy, idle fractions."""
@@ -148,14 +152,31 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         resume: continue the killed run in ``out_dir`` from its newest usable checkpoint
             (``config`` must be the one in ``out_dir/config.toml``).
 
+    With ``config.backend = "ray"`` each node's computation runs in a Ray actor (see
+    ``fdjax.runtime.ray_backend``); the outputs are the same.
+
     Raises:
         ValueError: for a bad output directory, a missing or unreadable dataset, or (with
             ``resume``) no usable checkpoint; nothing is written to ``out_dir`` before the data
-            has loaded.
+            has loaded. With the Ray backend also when Ray is not installed, cannot be
+            reached or cannot place the actors.
     """
     method = get_method(config.method)
     rundir = _open_run_dir(out_dir, config, resume)
+    deployment = _deployment(config)
     splits, fed = data if data is not None else prepare_data(config)
+    if deployment is None:
+        return _run(config, method, rundir, splits, fed, on_row, resume, None)
+    try:
+        deployment.open()
+        return _run(config, method, rundir, splits, fed, on_row, resume, deployment)
+    finally:
+        deployment.close()
+
+
+def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fed,
+         on_row: Callable[[dict], None] | None, resume: bool, deployment) -> Run:
+    """``run`` with the run directory checked, the data loaded and the backend connected."""
     if rundir is not None and not resume:
         rundir.start_fresh(config_to_toml(config))
     m = config.models
@@ -166,7 +187,7 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     client_spec = small_spec if method.clients_train == "small" else large_spec
     client_model = _program("model", *client_spec)
     key = jax.random.key(config.seed)
-    clock = Clock(virtual=config.clock == "virtual")
+    clock = deployment.clock() if deployment else Clock(virtual=config.clock == "virtual")
     network = Network(config.cost.latency, config.cost.bandwidth)
     c = config.cost
     client_cost = Cost(c.mode, c.large_client_seconds_per_example
@@ -190,9 +211,9 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     published = Register(network)
     to_server = Mailbox(network)
     clients, client_nodes = _client_nodes(config, ctx, fed, trainer, client_spec, client_cost,
-                                          key, to_server)
+                                          key, to_server, deployment)
     a = config.aggregation
-    averaging = AveragingServer(
+    averaging = (deployment.averaging if deployment else AveragingServer)(
         ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
         to_server, server_cost, published, wait_for_distiller=method.waits_for_distiller,
         mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
@@ -209,9 +230,22 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         reverse = _program("distiller", large_spec, small_spec, *settings)
         forward = (_program("distiller", small_spec, large_spec, *settings)
                    if method.forward else None)
+        large_state = reverse.init(large.init(jax.random.fold_in(key, 1)))
+        proxy = fed.proxy.arrays()
+        if deployment is not None:  # the programs are built again inside the actor
+            builders = {"reverse": functools.partial(_program, "distiller", large_spec,
+                                                     small_spec, *settings)}
+            if forward is not None:
+                builders["forward"] = functools.partial(_program, "distiller", small_spec,
+                                                        large_spec, *settings)
+            examples = {"reverse": (large_state, averaging.params)}
+            if forward is not None:
+                examples["forward"] = (forward.init(averaging.params), large_state.params)
+            reverse, forward = deployment.distillers(reverse, forward, builders,
+                                                     proxy, examples)
         distiller = DistillationServer(
-            ctx, distill_device, reverse.init(large.init(jax.random.fold_in(key, 1))),
-            reverse, forward, as_device_data(fed.proxy.arrays()), server_cost,
+            ctx, distill_device, large_state, reverse, forward,
+            proxy if deployment else as_device_data(proxy), server_cost,
             jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
             reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
             forward_every=dc.forward_every, forward_cost=forward_cost)
@@ -243,6 +277,7 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         if target is not None and row["global_accuracy"] >= target:
             ctx.stop.set()
 
+    placement = deployment.wait_started() if deployment else None
     observer = Observer(ctx, config.stop.eval_interval, global_of, small_of,
                         _program("evaluator", *(large_spec if distiller else client_spec)),
                         _program("evaluator", *small_spec) if distiller else None, test,
@@ -294,12 +329,14 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     timing = {"wall_seconds": time.perf_counter() - wall, "compute_seconds": clock.compute_seconds,
               "compile_seconds": clock.compile_seconds, "checkpoints": len(saves),
               "checkpoint_seconds": sum(saves)}
+    if deployment is not None:  # placing the actors and compiling in them, before the clock
+        timing["ray_start_seconds"] = deployment.start_seconds
     if clock.calibrated:
         timing["calibrated_seconds_per_call"] = dict(sorted(clock.calibrated.items()))
     result = Run(config, rows, nodes, list(distiller.staleness) if distiller else [],
                  global_of(), small_of() if small_of else None, ctx.events, devices, timing,
                  rundir.path if rundir is not None else None, rejected=list(averaging.rejected),
-                 resumes=list(state.resumes))
+                 resumes=list(state.resumes), placement=placement)
     if rundir is not None:
         _write_outputs(result, rundir, clock.now(), state.fault_counters())
     return result
@@ -321,24 +358,33 @@ def _run_to_completion(loop: asyncio.AbstractEventLoop, coroutine) -> None:
 
 
 def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, client_spec: tuple,
-                  cost: Cost, key: jax.Array, to_server: Mailbox) -> tuple[list[Client], list]:
+                  cost: Cost, key: jax.Array, to_server: Mailbox, deployment=None
+                  ) -> tuple[list[Client], list]:
     """The clients, and the nodes that run them: each client, or a cohort per shared device.
 
     Clients named by ``faults.clients`` are ``FaultyClient``s (not allowed in cohorts: a cohort
-    trains its members in one call, so one member cannot misbehave on its own).
+    trains its members in one call, so one member cannot misbehave on its own). With a Ray
+    ``deployment`` each client trains in an actor of its own that holds its examples.
     """
     cc = config.clients
     prefix = "client" if cc.devices is None else "clients"
     devices = [Device(f"{prefix}{d}", speed) for d, speed in enumerate(config.device_speeds)]
     faults = list(enumerate(config.faults.parsed))
     clients = []
+    example = _program("model", *client_spec).init(jax.random.key(0)) if deployment else None
     for i, part in enumerate(fed.clients):
         args = (ctx, i, devices[i % len(devices)],
-                part.arrays() if cc.cohort else as_device_data(part.arrays()), trainer,
+                part.arrays() if cc.cohort or deployment else as_device_data(part.arrays()),
+                trainer,
                 cc.local_epochs, cost, jax.random.fold_in(jax.random.fold_in(key, 100), i),
                 to_server)
         mine = [(n, f) for n, f in faults if f.client == i]
-        clients.append(FaultyClient(*args, faults=mine) if mine else Client(*args))
+        if deployment is not None:
+            build = functools.partial(_program, "trainer", client_spec, cc.optimizer,
+                                      cc.learning_rate, cc.batch_size)
+            clients.append(deployment.client(i, args, mine, build, part.arrays(), example))
+        else:
+            clients.append(FaultyClient(*args, faults=mine) if mine else Client(*args))
     if not cc.cohort:
         return clients, clients
     cohort = _program("cohort", client_spec, cc.optimizer, cc.learning_rate, cc.batch_size,
@@ -349,6 +395,41 @@ def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, clie
         pool = ClientPool.from_datasets([m.data for m in members])
         cohorts.append(ClientCohort(ctx, device, members, cohort, pool, cc.local_epochs, cost))
     return clients, cohorts
+
+
+def _ray_backend():
+    """``fdjax.runtime.ray_backend``, the one module that imports Ray (an optional extra)."""
+    try:
+        from fdjax.runtime import ray_backend
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] != "ray":
+            raise
+        raise ValueError('backend = "ray" needs Ray, an optional extra: '
+                         'pip install "fdjax[ray]"') from None
+    return ray_backend
+
+
+def _deployment(config: Config):
+    """The Ray actors of a run with ``backend = "ray"`` (not started yet); None in-process."""
+    if config.backend != "ray":
+        return None
+    rb, r = _ray_backend(), config.ray
+    roles = [rb.Role(cpus, gpus, parse_resources(resources), r.gpu_memory_fraction)
+             for cpus, gpus, resources in ((r.server_cpus, r.server_gpus, r.server_resources),
+                                           (r.client_cpus, r.client_gpus, r.client_resources))]
+    num_cpus = r.num_cpus
+    if r.address is None and num_cpus is None:
+        num_cpus = rb.local_cpus(r.server_cpus, r.client_cpus, config.clients.count)
+    return rb.Deployment(r.address, num_cpus, r.num_gpus, *roles, r.start_timeout)
+
+
+def _ray_session(config: Config):
+    """One Ray connection for several runs (a comparison), or nothing in-process."""
+    if config.backend != "ray":
+        return contextlib.nullcontext()
+    deployment = _deployment(config)
+    return _ray_backend().session(deployment.address, deployment.num_cpus,
+                                  deployment.num_gpus)
 
 
 def _open_run_dir(out_dir: str | Path | None, config: Config, resume: bool
@@ -382,10 +463,12 @@ def _write_outputs(result: Run, rundir: RunDirectory, duration: float, faults: d
     _save_params(rundir.path / "global_params.npz", result.global_params)
     if result.small_params is not None:
         _save_params(rundir.path / "small_params.npz", result.small_params)
-    rundir.write_nodes({"duration": duration, "nodes": result.nodes,
-                        "staleness": result.staleness, "timing": result.timing,
-                        "faults": faults, "rejected": result.rejected,
-                        "resumes": result.resumes})
+    record = {"duration": duration, "nodes": result.nodes, "staleness": result.staleness,
+              "timing": result.timing, "faults": faults, "rejected": result.rejected,
+              "resumes": result.resumes}
+    if result.placement is not None:
+        record["placement"] = result.placement
+    rundir.write_nodes(record)
 
 
 @dataclasses.dataclass
@@ -425,13 +508,14 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out = Path(out_dir) if out_dir is not None else None
     runs: dict[str, list[Run]] = {m: [] for m in methods}
-    for k in range(seeds):
-        seeded = config.replace(seed=config.seed + k)
-        data = prepare_data(seeded)
-        for name in methods:
-            cfg = seeded.replace(method=name)
-            run_dir = out / name / f"seed{cfg.seed}" if out is not None else None
-            runs[name].append(run(cfg, run_dir, data=data, on_row=on_row))
+    with _ray_session(config):  # one Ray instance for every run of the comparison
+        for k in range(seeds):
+            seeded = config.replace(seed=config.seed + k)
+            data = prepare_data(seeded)
+            for name in methods:
+                cfg = seeded.replace(method=name)
+                run_dir = out / name / f"seed{cfg.seed}" if out is not None else None
+                runs[name].append(run(cfg, run_dir, data=data, on_row=on_row))
     target = report_target(config, target)
     reference = "sync-fwd" if "sync-fwd" in methods else None
     comparison = Comparison(config, runs, target, reference)

@@ -28,8 +28,10 @@ from fdjax.runtime.clock import Clock, Cost, Device
 from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer
 
 
-_aggregate = jax.jit(aggregation.aggregate, static_argnames=("rule", "trim_fraction"))
-_staleness_mix = jax.jit(aggregation.staleness_mix, static_argnames=("kind",))
+#: The averaging server's computations, compiled once; module-level so a backend running them
+#: elsewhere (a Ray actor) runs the very same programs.
+aggregate_updates = jax.jit(aggregation.aggregate, static_argnames=("rule", "trim_fraction"))
+mix_stale = jax.jit(aggregation.staleness_mix, static_argnames=("kind",))
 
 
 @dataclasses.dataclass
@@ -107,11 +109,9 @@ class Client:
         self.crashes = 0
 
     def train(self, params: Any, version: int) -> Any:
-        state = self.trainer.init(params)
-        for epoch in range(self.epochs):
-            key = jax.random.fold_in(jax.random.fold_in(self.key, version), epoch)
-            state, _ = self.trainer.epoch(state, self.data, key)
-        return state.params
+        """The computation of ``work``: local epochs on this client's data (another backend
+        may run it elsewhere, e.g. in a Ray actor)."""
+        return local_epochs(self.trainer, self.data, params, self.key, version, self.epochs)
 
     async def work(self, params: Any, version: int) -> Update | None:
         """Trains on a served model; returns the update to send (None: nothing to send)."""
@@ -146,6 +146,20 @@ class Client:
             self.inbox.queue.get_nowait()
         self.ctx.log(self.name, "rejoin")
         self.to_server.send(Join(self.index), 0, self.stats)
+
+
+def local_epochs(trainer: LocalTrainer, data: dict, params: Any, key: jax.Array, version: int,
+                 epochs: int) -> Any:
+    """A client's training of a served model: ``epochs`` epochs from a fresh optimizer state.
+
+    Each epoch's key folds in the model version and the epoch (stable ids, never arrival order).
+    A module-level function so that a backend running clients elsewhere trains the same way.
+    """
+    state = trainer.init(params)
+    for epoch in range(epochs):
+        state, _ = trainer.epoch(state, data, jax.random.fold_in(jax.random.fold_in(key, version),
+                                                                 epoch))
+    return state.params
 
 
 async def supervise(ctx: Context, client: Client) -> None:
@@ -239,8 +253,7 @@ class AveragingServer:
                 stacked = aggregation.stack_trees([u.params for u in accepted])
                 weights = np.asarray([u.examples for u in accepted], np.float32)
                 self.params, charged = await self.ctx.clock.compute(
-                    self.device, lambda: _aggregate(stacked, weights, rule=self.rule,
-                                                    trim_fraction=self.trim_fraction),
+                    self.device, lambda: self.aggregate(stacked, weights),
                     cost=self.cost, examples=len(accepted),
                     program=(self.rule, len(accepted)), node=self.name, label=self.rule)
                 self.stats.busy += charged
@@ -249,6 +262,15 @@ class AveragingServer:
             self.published.publish(self.params, self.round, tree_bytes(self.params), self.stats)
             if self.on_round is not None:
                 self.on_round(self.round)
+
+    def aggregate(self, stacked: Any, weights: np.ndarray) -> Any:
+        """The computation of a round's end: ``rule`` over the stacked updates."""
+        return aggregate_updates(stacked, weights, rule=self.rule,
+                                 trim_fraction=self.trim_fraction)
+
+    def mix(self, distilled: Any, staleness: int) -> Any:
+        """The computation of mixing a forward-distilled model in, weighted by staleness."""
+        return mix_stale(self.params, distilled, staleness, self.mix_alpha, kind=self.staleness)
 
     def snapshot(self) -> tuple[dict, dict]:
         """Its state between rounds: the model (arrays) and counters.
@@ -349,8 +371,7 @@ class AveragingServer:
             distilled, version = await self.from_distiller.receive()
             staleness = self.round - version
             self.params, charged = await self.ctx.clock.compute(
-                self.device, lambda: _staleness_mix(self.params, distilled, staleness,
-                                               self.mix_alpha, kind=self.staleness),
+                self.device, lambda: self.mix(distilled, staleness),
                 cost=self.cost, examples=1, program="mix", node=self.name, label="mix")
             self.stats.busy += charged
             self.ctx.log(self.name, "mixed", version=version, staleness=staleness)

@@ -1,0 +1,377 @@
+"""The Ray backend: each node's computation in a Ray actor, the runtime's own nodes on the real
+clock coordinating them.
+
+**Shape, and why.** Every client, the averaging server and the distillation server get one Ray
+actor (``NodeWorker``), placed by the resources its role asks for. The actor holds what is heavy
+to move and slow to build: the node's compiled programs (built once in the actor, on the
+actor's own device) and its data (a client's examples, the server's proxy set), sent once when
+the actor starts. The coordination stays in the driver, as the runtime's own asyncio nodes
+(``Client``, ``AveragingServer``, ``DistillationServer``, ``Observer``, ``supervise``) on the real
+clock: a node's computation submits an actor call and awaits its ``ObjectRef`` on the event loop
+(``RayClock``), so nodes overlap for real on the cluster while the protocol (rounds, update
+validation, timeouts and quorum, late updates, sampling, forward mixing) is the very code an
+in-process run executes, not a second copy of it.
+
+Actors are stateless between calls: node state (models, optimizer states, keys, counters) lives
+in the driver's nodes and crosses to and from the actors as numpy host arrays through Ray's
+object store. That costs a transfer per call (a few MB for the models fdjax trains, shared
+memory on one machine), and buys three things: checkpoints and ``--resume`` work unchanged (the
+driver holds everything a snapshot needs); a lost actor loses only a compiled program; and a
+killed client actor looks to the runtime exactly like a crashed client (the awaited call raises,
+``supervise`` logs it, asynchronous runs go on and a synchronous round closes after
+``aggregation.round_timeout`` with ``aggregation.quorum``). The driver also runs the observer's
+evaluations, which charge no node. The alternative, each node's whole loop inside its actor,
+would need the channels rebuilt on Ray (the mailbox and register are asyncio objects) and a
+second copy of the protocol wiring; this shape keeps one.
+
+**JAX in actors.** Each actor sets its JAX environment through ``runtime_env["env_vars"]``
+before JAX starts: CPU-only actors ``JAX_PLATFORMS=cpu`` (no probing for accelerators); GPU
+actors ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (allocate as needed instead of 75% of the GPU at
+start) and ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (and its newer name ``XLA_CLIENT_MEM_FRACTION``)
+capped at ``ray.gpu_memory_fraction``, by default 90% of the actor's GPU share, so actors
+sharing a GPU (``server_gpus = 0.5`` puts both servers on one) fit beside each other.
+
+This is the only module of fdjax that imports ``ray`` (an optional extra: ``pip install
+"fdjax[ray]"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
+
+import jax
+import numpy as np
+import ray
+import ray.exceptions
+
+from fdjax.runtime.clock import Clock
+from fdjax.runtime.compiled import Distiller, as_device_data
+from fdjax.runtime.faults import FaultyClient
+from fdjax.runtime.nodes import AveragingServer, Client, aggregate_updates, local_epochs, mix_stale
+
+#: The fraction of an actor's GPU share its JAX may fill, leaving room for CUDA contexts.
+GPU_SHARE_HEADROOM = 0.9
+
+
+def host(tree: Any) -> Any:
+    """A pytree's arrays as numpy host arrays: what crosses Ray's object store."""
+    return jax.device_get(tree)
+
+
+def key_data(key: jax.Array) -> np.ndarray:
+    """A typed PRNG key as the plain integers it is made of (typed keys do not pickle)."""
+    return np.asarray(jax.random.key_data(key))
+
+
+class ActorLost(RuntimeError):
+    """A node's Ray actor died (killed, or its process or machine was lost)."""
+
+
+class NodeWorker:
+    """A Ray actor holding one node's compiled programs and data; stateless between calls.
+
+    Args:
+        programs: name -> a function that builds the program (called once, in the actor, so
+            the program compiles for the actor's own device; functions of importable modules
+            pickle by name).
+        data: the node's examples or proxy set (numpy arrays), put on the actor's device once.
+    """
+
+    def __init__(self, programs: Mapping[str, Callable[[], Any]],
+                 data: Mapping[str, np.ndarray] | None):
+        self.programs = {name: build() for name, build in programs.items()}
+        self.data = as_device_data(data) if data is not None else None
+
+    def warm_up(self, calls: list[tuple[str, tuple]]) -> None:
+        """Runs each ``(method, args)`` once and drops the result: compiles the node's programs
+        for the run's shapes before the run's clock starts."""
+        for method, args in calls:
+            jax.block_until_ready(getattr(self, method)(*args))
+
+    def where(self) -> dict:
+        """Where the actor runs: host, process, Ray node and JAX devices (the run records it)."""
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "jax_devices": [str(d) for d in jax.devices()]}
+
+    def train(self, params: Any, key: np.ndarray, version: int, epochs: int) -> Any:
+        return host(local_epochs(self.programs["trainer"], self.data, params,
+                                 jax.random.wrap_key_data(key), version, epochs))
+
+    def chunk(self, name: str, state: Any, teacher: Any, key: np.ndarray) -> Any:
+        return host(self.programs[name].chunk(state, teacher, self.data,
+                                              jax.random.wrap_key_data(key)))
+
+    def aggregate(self, stacked: Any, weights: np.ndarray, rule: str, trim_fraction: float
+                  ) -> Any:
+        return host(aggregate_updates(stacked, weights, rule=rule, trim_fraction=trim_fraction))
+
+    def mix(self, params: Any, distilled: Any, staleness: int, alpha: float, kind: str) -> Any:
+        return host(mix_stale(params, distilled, staleness, alpha, kind=kind))
+
+
+class Role(NamedTuple):
+    """What each actor of a role (server or client) asks Ray for."""
+
+    cpus: float
+    gpus: float
+    resources: dict[str, float]
+    gpu_memory_fraction: float | None = None
+
+    def env_vars(self) -> dict[str, str]:
+        """JAX settings of the role's actors (see the module docstring)."""
+        if self.gpus <= 0:
+            return {"JAX_PLATFORMS": "cpu"}
+        fraction = self.gpu_memory_fraction or GPU_SHARE_HEADROOM * min(1.0, self.gpus)
+        return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3f}",
+                "XLA_CLIENT_MEM_FRACTION": f"{fraction:.3f}"}
+
+    def options(self, name: str) -> dict:
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "resources": dict(self.resources),
+                "name": name, "max_restarts": 0,
+                "runtime_env": {"env_vars": self.env_vars()}}
+
+
+@contextlib.contextmanager
+def session(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None
+            ) -> Iterator[None]:
+    """Connects to Ray for the duration of the block, unless this process already is.
+
+    With no ``address`` it starts a local Ray instance (a laptop needs nothing else) and stops
+    it afterwards; with one (``"auto"``, ``"HOST:6379"``, ``"ray://HOST:10001"``) it joins that
+    cluster and leaves it running. Re-entrant: a comparison opens one session for all its runs,
+    and tests may hold their own.
+
+    Raises:
+        ValueError: when the cluster cannot be reached, in one line.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    try:
+        if address is None:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"ray.address {address!r}" if address is not None else "a local Ray instance"
+        raise ValueError(f"cannot start or reach {where}: {' '.join(str(err).split())}"
+                         ) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class RayClock(Clock):
+    """The real clock, where a computation is an actor call: its ``ObjectRef`` is awaited on
+    the event loop (no thread per waiting node), so any number of nodes wait at once."""
+
+    def __init__(self) -> None:
+        super().__init__(virtual=False)
+
+    async def run_real(self, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        if isinstance(result, ray.ObjectRef):
+            result = await result
+        else:  # a computation the driver runs itself
+            result = await asyncio.to_thread(jax.block_until_ready, result)
+        # submission, transfers and the actor's compute: what the node waited for
+        self.compute_seconds += time.perf_counter() - start
+        return result
+
+
+class RayClient(Client):
+    """A ``Client`` whose training runs in its actor; everything else is the client's own."""
+
+    def __init__(self, *args: Any, worker: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.worker = worker
+
+    def train(self, params: Any, version: int) -> Any:
+        return self.worker.train.remote(host(params), key_data(self.key), version, self.epochs)
+
+    async def work(self, params: Any, version: int):
+        try:
+            return await super().work(params, version)
+        except ray.exceptions.RayActorError as err:
+            raise ActorLost(f"the Ray actor of {self.name} is gone "
+                            f"({type(err).__name__}: killed, or its process or machine was lost)"
+                            ) from None
+
+
+class RayFaultyClient(RayClient, FaultyClient):
+    """A ``FaultyClient`` (injected faults, a testing aid) training in its actor."""
+
+
+class RayAveragingServer(AveragingServer):
+    """An ``AveragingServer`` whose aggregation and mixing run in its actor."""
+
+    def __init__(self, *args: Any, worker: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.worker = worker
+
+    def aggregate(self, stacked: Any, weights: np.ndarray) -> Any:
+        return self.worker.aggregate.remote(host(stacked), weights, self.rule, self.trim_fraction)
+
+    def mix(self, distilled: Any, staleness: int) -> Any:
+        return self.worker.mix.remote(host(self.params), host(distilled), staleness,
+                                      self.mix_alpha, self.staleness)
+
+
+class RemoteDistiller:
+    """Stands in for a ``Distiller`` in the ``DistillationServer``: chunks run in the actor.
+
+    ``init`` (a fresh optimizer state, cheap) stays local; ``chunk`` ignores the data it is
+    given because the actor holds the same proxy set, sent once when it started.
+    """
+
+    def __init__(self, local: Distiller, worker: Any, name: str):
+        self.local, self.worker, self.name = local, worker, name
+        self.steps, self.batch_size = local.steps, local.batch_size
+
+    def init(self, params: Any) -> Any:
+        return self.local.init(params)
+
+    def chunk(self, state: Any, teacher_params: Any, data: Any, key: jax.Array) -> Any:
+        del data  # the actor's copy
+        return self.worker.chunk.remote(self.name, host(state), host(teacher_params),
+                                        key_data(key))
+
+
+class Deployment:
+    """The actors of one run: starts them, waits until every one is placed, kills them after.
+
+    Actors are named ``fdjax/<run tag>/<node>`` (``ray list actors`` shows which is which).
+
+    Args:
+        address, num_cpus, num_gpus: as for ``session``; the session is opened by ``open`` and
+            closed by ``close`` (a no-op where Ray was already connected).
+        server, client: what each actor of the role asks for.
+        start_timeout: seconds to wait for every actor to be placed and started.
+    """
+
+    def __init__(self, address: str | None, num_cpus: int | None, num_gpus: int | None,
+                 server: Role, client: Role, start_timeout: float):
+        self.address, self.num_cpus, self.num_gpus = address, num_cpus, num_gpus
+        self.roles = {"server": server, "client": client}
+        self.start_timeout = start_timeout
+        self.tag = uuid.uuid4().hex[:8]
+        self.actors: dict[str, Any] = {}
+        #: node -> the warm-up calls its actor makes once placed (see ``wait_started``)
+        self.warm_ups: dict[str, list[tuple[str, tuple]]] = {}
+        #: wall seconds from the first actor's start until every actor was placed and warm
+        self.start_seconds = 0.0
+        self._started_at: float | None = None
+        self._stack = contextlib.ExitStack()
+
+    def open(self) -> None:
+        self._stack.enter_context(session(self.address, self.num_cpus, self.num_gpus))
+
+    def clock(self) -> RayClock:
+        return RayClock()
+
+    def start(self, node: str, role: str, programs: Mapping[str, Callable[[], Any]],
+              data: Mapping[str, np.ndarray] | None, warm_up: list[tuple[str, tuple]] = ()
+              ) -> Any:
+        """Starts node ``node``'s actor (placement and ``warm_up`` are awaited by
+        ``wait_started``)."""
+        if self._started_at is None:
+            self._started_at = time.perf_counter()
+        actor = ray.remote(NodeWorker).options(
+            **self.roles[role].options(f"fdjax/{self.tag}/{node}")).remote(programs, data)
+        self.actors[node] = actor
+        self.warm_ups[node] = list(warm_up)
+        return actor
+
+    def client(self, index: int, args: tuple, faults: list, trainer: Callable[[], Any],
+               data: Mapping[str, np.ndarray], example_params: Any) -> RayClient:
+        """Client ``index`` (``args`` as for ``Client``), training in an actor of its own that
+        holds its ``data``; ``example_params`` (any model of the client's shape) warm it up."""
+        warm = [("train", (host(example_params), key_data(jax.random.key(0)), 0, 1))]
+        worker = self.start(f"client{index}", "client", {"trainer": trainer}, data, warm)
+        if faults:
+            return RayFaultyClient(*args, faults=faults, worker=worker)
+        return RayClient(*args, worker=worker)
+
+    def averaging(self, *args: Any, **kwargs: Any) -> RayAveragingServer:
+        return RayAveragingServer(*args, worker=self.start("averaging", "server", {}, None),
+                                  **kwargs)
+
+    def distillers(self, reverse: Distiller, forward: Distiller | None,
+                   builders: Mapping[str, Callable[[], Any]], proxy: Mapping[str, np.ndarray],
+                   examples: Mapping[str, tuple[Any, Any]]
+                   ) -> tuple[RemoteDistiller, RemoteDistiller | None]:
+        """The distillation server's actor.
+
+        Args:
+            builders: ``"reverse"`` and, if used, ``"forward"`` -> a function building it.
+            examples: the same names -> a (student state, teacher parameters) pair of the
+                run's shapes, to warm the programs up.
+        """
+        warm = [("chunk", (name, host(state), host(teacher), key_data(jax.random.key(0))))
+                for name, (state, teacher) in examples.items()]
+        worker = self.start("distillation", "server", builders, proxy, warm)
+        return (RemoteDistiller(reverse, worker, "reverse"),
+                RemoteDistiller(forward, worker, "forward") if forward is not None else None)
+
+    def wait_started(self) -> dict[str, dict]:
+        """Waits until every actor runs and has compiled its programs; returns where each runs.
+
+        The run's clock starts after this, so neither Ray's start-up nor XLA's compilation in
+        the actors counts as any node's time (the virtual clock excludes compilation too);
+        ``start_seconds`` records how long it took.
+
+        Raises:
+            ValueError: naming the actors Ray could not place within ``start_timeout`` (the
+                cluster lacks what their role asks for) or that failed to start.
+        """
+        refs = {node: actor.where.remote() for node, actor in self.actors.items()}
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs),
+                              timeout=self.start_timeout)
+        if pending:
+            missing = [node for node, ref in refs.items() if ref in pending]
+            asks = {name: role.options("")["resources"] | {"CPU": role.cpus, "GPU": role.gpus}
+                    for name, role in self.roles.items()}
+            raise ValueError(f"Ray could not start the actors of {', '.join(missing)} within "
+                             f"ray.start_timeout ({self.start_timeout:g} s): the cluster "
+                             f"({ray.cluster_resources()}) lacks what their role asks for "
+                             f"(per actor: {asks}); see the [ray] settings")
+        try:
+            where = {node: ray.get(ref) for node, ref in refs.items()}
+            ray.get([self.actors[node].warm_up.remote(calls)
+                     for node, calls in self.warm_ups.items() if calls])
+            self.start_seconds = time.perf_counter() - (self._started_at or time.perf_counter())
+            return where
+        except ray.exceptions.RayError as err:
+            raise ValueError(f"a Ray actor failed to start: {' '.join(str(err).split())[:500]}"
+                             ) from None
+
+    def close(self) -> None:
+        """Kills every actor of the run and leaves the session (stopping a Ray fdjax started)."""
+        try:
+            for actor in self.actors.values():
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+            self.actors.clear()
+        finally:
+            self._stack.close()
+
+
+def local_cpus(server_cpus: float, client_cpus: float, clients: int) -> int:
+    """Logical CPUs a local instance needs so every actor is placed, at least the machine's.
+
+    Logical CPUs only schedule actors; on a laptop with fewer cores they share the cores.
+    """
+    return max(os.cpu_count() or 1, math.ceil(2 * server_cpus + clients * client_cpus))

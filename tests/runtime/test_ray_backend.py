@@ -1,0 +1,220 @@
+"""The Ray backend against a real local Ray instance (no mock): runs, files, faults, cleanup.
+
+Every run is the tiny synthetic configuration of ``test_methods`` on the real clock, with
+fractional CPUs per actor so that five actors fit a 2-core machine. A run stops once the global
+model reaches 50% accuracy (chance is 10%), or at a generous time budget (a run that ends there
+fails the accuracy check, never a timing assertion).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")  # a protection only: CI installs the extra and runs these
+
+from fdjax.cli import main  # noqa: E402
+from fdjax.config import load_config  # noqa: E402
+from fdjax.experiment import run  # noqa: E402
+from tests.runtime.test_methods import TINY, events  # noqa: E402
+
+TARGET = 0.5
+RAY_TINY = TINY + [
+    "clock=real", "backend=ray", "ray.client_cpus=0.25", "ray.server_cpus=0.25",
+    "clients.local_epochs=3", "clients.learning_rate=0.003", "distill.steps_per_chunk=10",
+    "distill.learning_rate=0.003", "distill.chunks_per_round=2", "stop.time_budget=240",
+    "stop.eval_interval=3", f"stop.target_accuracy={TARGET}",
+]
+NODES = {"client0", "client1", "client2", "averaging", "distillation"}
+
+
+def ray_tiny(method: str, *extra: str):
+    return load_config(None, RAY_TINY + [f"method={method}", *extra])
+
+
+def ray_processes() -> dict[int, str]:
+    """This process's descendants that belong to Ray (its daemons and actor workers)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            name = " ".join(child.cmdline()[:2]) or child.name()
+        except psutil.Error:
+            continue
+        if any(word in name for word in ("raylet", "gcs_server", "ray::", "ray/", "ray_")):
+            found[child.pid] = name
+    return found
+
+
+def alive(pids) -> list[int]:
+    import psutil
+
+    running = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def wait_gone(pids, seconds: float = 60.0) -> list[int]:
+    """The processes of ``pids`` still running after waiting up to ``seconds`` for them."""
+    deadline = time.monotonic() + seconds
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive(pids)
+
+
+def fdjax_actors() -> list[str]:
+    return [a["name"] if isinstance(a, dict) else a for a in ray.util.list_named_actors()
+            if (a["name"] if isinstance(a, dict) else a).startswith("fdjax/")]
+
+
+def check_run_directory(out, method: str) -> list[dict]:
+    """Every file an in-process run writes, consistent with each other; returns the rows."""
+    for name in ("config.toml", "metrics.jsonl", "nodes.json", "global_params.npz",
+                 "small_params.npz"):
+        assert (out / name).stat().st_size > 0, name
+    assert 'backend = "ray"' in (out / "config.toml").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["method"] == method for r in rows)
+    record = json.loads((out / "nodes.json").read_text())
+    assert set(record["nodes"]) == NODES and set(record["placement"]) == NODES
+    assert all(n["busy"] > 0 for n in record["nodes"].values())  # each computed in its actor
+    assert all(n["bytes"] > 0 for name, n in record["nodes"].items() if name != "distillation")
+    assert record["timing"]["ray_start_seconds"] > 0
+    # one actor process per node, each on the CPU as the role asked
+    assert len({p["pid"] for p in record["placement"].values()}) == len(NODES)
+    assert all(p["jax_devices"] == ["cpu:0"] for p in record["placement"].values())
+    with np.load(out / "global_params.npz") as params:
+        assert params.files and all(np.isfinite(params[k]).all() for k in params.files)
+    return rows
+
+
+def improved(rows: list[dict]) -> bool:
+    return rows[0]["global_accuracy"] < 0.25 and rows[-1]["global_accuracy"] >= TARGET
+
+
+def test_compare_on_ray_starts_its_own_instance_and_leaves_nothing_behind(tmp_path):
+    """``fdjax compare --backend ray``: sync and async-continuous on one local instance that
+    fdjax starts and stops; both improve the global model and write every file."""
+    assert not ray.is_initialized()
+    seen: dict[int, str] = {}
+    before = set(ray_processes())
+    out = tmp_path / "cmp"
+
+    import fdjax.experiment as experiment
+
+    real_run = experiment.run
+
+    def spying_run(*args, **kwargs):  # notes Ray's processes while a run is going on
+        kwargs["on_row"] = lambda row: seen.update(ray_processes())
+        return real_run(*args, **kwargs)
+
+    experiment.run = spying_run
+    try:
+        argv = ["compare", "--backend", "ray", "--methods", "sync,async-continuous",
+                "--out", str(out)]
+        for override in RAY_TINY:
+            if not override.startswith(("clock=", "backend=")):
+                argv += ["--set", override]
+        assert main(argv) == 0
+    finally:
+        experiment.run = real_run
+    assert any("raylet" in name for name in seen.values())  # a real instance ran the runs
+    for method in ("sync", "async-continuous"):
+        rows = check_run_directory(out / method / "seed0", method)
+        assert improved(rows), (method, rows[0], rows[-1])
+    assert json.loads((out / "results.json").read_text())
+    # fdjax stopped the instance it started: no daemon or actor process is left
+    assert not ray.is_initialized()
+    assert wait_gone(set(seen) - before) == []
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local instance for the fault tests; shut down, and checked gone, afterwards."""
+    ray.init(num_cpus=4, include_dashboard=False)
+    started = set(ray_processes())
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        assert wait_gone(started) == [], "Ray processes left behind"
+
+
+def kill_client_once(index: int):
+    """An ``on_row`` hook that kills client ``index``'s actor (``ray.kill``) at the run's first
+    evaluation, when the clients have just been served their first model; returns the hook and
+    what it did. The run then needs several more rounds to reach its target accuracy."""
+    done: dict = {}
+
+    def hook(row: dict) -> None:
+        if "killed" not in done:
+            (name,) = [a for a in fdjax_actors() if a.endswith(f"/client{index}")]
+            ray.kill(ray.get_actor(name))
+            done["killed"] = row["time"]
+    return hook, done
+
+
+def test_a_killed_client_actor_does_not_stop_an_async_run(ray_instance, tmp_path):
+    hook, done = kill_client_once(1)
+    result = run(ray_tiny("async-continuous", "aggregation.round_timeout=3"), tmp_path / "run",
+                 on_row=hook)
+    assert "killed" in done
+    crashed = events(result, "crashed", "client1")
+    assert len(crashed) == 1 and "Ray actor of client1 is gone" in crashed[0]["error"]
+    assert result.rows[-1]["client_crashes"] == 1
+    # the run went on without it, rounds and distillation, to the target accuracy
+    later = [e for e in events(result, "round_end", "averaging") if e["time"] > crashed[0]["time"]]
+    assert len(later) >= 2 and all(e["clients"] >= 1 for e in later)
+    assert improved(result.rows)
+    check_run_directory(tmp_path / "run", "async-continuous")
+    assert fdjax_actors() == []  # the run killed its other actors when it ended
+
+
+def test_a_sync_round_goes_on_without_a_killed_client_after_its_timeout(ray_instance):
+    hook, done = kill_client_once(1)
+    result = run(ray_tiny("sync", "aggregation.round_timeout=3", "aggregation.quorum=2"),
+                 on_row=hook)
+    assert "killed" in done
+    crashed = events(result, "crashed", "client1")
+    assert len(crashed) == 1
+    # exactly one round waited out its timeout for the lost client, then closed with the others
+    timeouts = events(result, "round_timeout", "averaging")
+    assert [(e["missing"], e["answered"]) for e in timeouts] == [([1], 2)]
+    ends = events(result, "round_end", "averaging")
+    after = [e for e in ends if e["time"] >= timeouts[0]["time"]]
+    assert len(after) >= 2 and all(e["clients"] == 2 for e in after)
+    assert improved(result.rows)
+    assert fdjax_actors() == []
+
+
+def test_without_ray_the_backend_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    import fdjax.runtime
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if not installed
+    monkeypatch.delitem(sys.modules, "fdjax.runtime.ray_backend", raising=False)
+    monkeypatch.delattr(fdjax.runtime, "ray_backend", raising=False)
+    out = tmp_path / "run"
+    assert main(["run", "--backend", "ray", "--set", "stop.time_budget=1", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and 'pip install "fdjax[ray]"' in err
+    assert not out.exists()
+
+
+def test_address_needs_the_ray_backend_and_nothing_else_imports_ray(capsys):
+    assert main(["run", "--address", "auto", "--set", "stop.time_budget=1"]) == 2
+    assert "--address" in capsys.readouterr().err
+    code = ("import sys, fdjax.cli, fdjax.experiment, fdjax.runtime.nodes, fdjax.report; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
