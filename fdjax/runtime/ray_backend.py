@@ -157,6 +157,7 @@ def session(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     if ray.is_initialized():
         yield
         return
+    _check_reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
@@ -171,6 +172,22 @@ def session(address: str | None, num_cpus: int | None = None, num_gpus: int | No
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str | None, seconds: float = 10.0) -> None:
+    """Fails fast, in one line, on a ``HOST:PORT`` address nothing listens at (``ray.init``
+    would retry for minutes); ``auto`` and ``ray://`` addresses Ray checks itself."""
+    if address is None or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ray.address {address!r}: expected auto, HOST:PORT or "
+                         f"ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as err:
+        raise ValueError(f"ray.address {address!r}: no Ray cluster answers there ({err}); "
+                         f"start one with `ray start --head` or check the address") from None
 
 
 class RayClock(Clock):

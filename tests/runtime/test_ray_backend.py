@@ -106,6 +106,55 @@ def improved(rows: list[dict]) -> bool:
     return rows[0]["global_accuracy"] < 0.25 and rows[-1]["global_accuracy"] >= TARGET
 
 
+# Quick checks first: they need no Ray instance running in this process.
+
+def test_without_ray_the_backend_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    import fdjax.runtime
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if not installed
+    monkeypatch.delitem(sys.modules, "fdjax.runtime.ray_backend", raising=False)
+    monkeypatch.delattr(fdjax.runtime, "ray_backend", raising=False)
+    out = tmp_path / "run"
+    assert main(["run", "--backend", "ray", "--set", "stop.time_budget=1", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and 'pip install "fdjax[ray]"' in err
+    assert not out.exists()
+
+
+def test_address_needs_the_ray_backend_and_nothing_else_imports_ray(capsys):
+    assert main(["run", "--address", "auto", "--set", "stop.time_budget=1"]) == 2
+    assert "--address" in capsys.readouterr().err
+    code = ("import sys, fdjax.cli, fdjax.experiment, fdjax.runtime.nodes, fdjax.report; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("address, words", [("127.0.0.1:1", "no Ray cluster answers"),
+                                             ("nonsense", "expected auto, HOST:PORT")])
+def test_an_address_without_a_cluster_is_a_quick_one_line_error(address, words, capsys,
+                                                                 tmp_path):
+    """Ray itself would retry a dead HOST:PORT for minutes; fdjax checks it first."""
+    assert not ray.is_initialized()  # else the run would use the instance this process has
+    out = tmp_path / "run"
+    assert main(["run", "--backend", "ray", "--address", address, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err and not out.exists()
+
+
+def test_actors_get_the_jax_memory_settings_of_their_role():
+    from fdjax.runtime.ray_backend import Role
+
+    assert Role(1, 0, {}).env_vars() == {"JAX_PLATFORMS": "cpu"}
+    shared = Role(1, 0.5, {}).env_vars()  # two servers on one GPU: 45% of it each
+    assert shared["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert shared["XLA_PYTHON_CLIENT_MEM_FRACTION"] == shared["XLA_CLIENT_MEM_FRACTION"] == "0.450"
+    assert Role(1, 1, {}, 0.3).env_vars()["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.300"
+    options = Role(0.25, 0, {"client_machine": 1.0}).options("fdjax/x/client0")
+    assert options["resources"] == {"client_machine": 1.0} and options["num_cpus"] == 0.25
+    assert options["runtime_env"] == {"env_vars": {"JAX_PLATFORMS": "cpu"}}
+
+
 def test_compare_on_ray_starts_its_own_instance_and_leaves_nothing_behind(tmp_path, monkeypatch):
     """``fdjax compare --backend ray``: sync and async-continuous on one local instance that
     fdjax starts and stops; both improve the global model and write every file."""
@@ -194,25 +243,3 @@ def test_a_sync_round_goes_on_without_a_killed_client_after_its_timeout(ray_inst
     assert len(after) >= 2 and all(e["clients"] == 2 for e in after)
     assert improved(result.rows)
     assert fdjax_actors() == []
-
-
-def test_without_ray_the_backend_is_a_one_line_error(monkeypatch, capsys, tmp_path):
-    import fdjax.runtime
-
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if not installed
-    monkeypatch.delitem(sys.modules, "fdjax.runtime.ray_backend", raising=False)
-    monkeypatch.delattr(fdjax.runtime, "ray_backend", raising=False)
-    out = tmp_path / "run"
-    assert main(["run", "--backend", "ray", "--set", "stop.time_budget=1", "--out",
-                 str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and 'pip install "fdjax[ray]"' in err
-    assert not out.exists()
-
-
-def test_address_needs_the_ray_backend_and_nothing_else_imports_ray(capsys):
-    assert main(["run", "--address", "auto", "--set", "stop.time_budget=1"]) == 2
-    assert "--address" in capsys.readouterr().err
-    code = ("import sys, fdjax.cli, fdjax.experiment, fdjax.runtime.nodes, fdjax.report; "
-            "assert 'ray' not in sys.modules, 'ray imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
