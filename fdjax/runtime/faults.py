@@ -98,7 +98,9 @@ def corrupt(update: Update, kind: str) -> Update:
     }[kind]
     leaves, treedef = jax.tree_util.tree_flatten(update.params)
     return dataclasses.replace(
-        update, params=jax.tree_util.tree_unflatten(treedef, [change(leaves[0])] + leaves[1:]))
+        # as a JAX array: an update computed elsewhere (a Ray actor) holds numpy leaves
+        update, params=jax.tree_util.tree_unflatten(
+            treedef, [change(jnp.asarray(leaves[0]))] + leaves[1:]))
 
 
 def _drop_first_leaf(tree: Any) -> Any:
