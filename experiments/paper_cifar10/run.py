@@ -46,7 +46,13 @@ TARGET = 0.6
 
 
 def default_data_dir() -> str:
-    return os.environ.get("FDJAX_TFDS_DIR", str(REPO.parent / "shared" / "data" / "tfds"))
+    """``$FDJAX_TFDS_DIR``, else ``../shared/data/tfds`` beside the checkout.
+
+    Given relative to the working directory, so that the resolved ``config.toml`` each run
+    records names no path of the machine it ran on (``../shared/data/tfds`` from the checkout).
+    """
+    path = os.environ.get("FDJAX_TFDS_DIR", str(REPO.parent / "shared" / "data" / "tfds"))
+    return os.path.relpath(path)
 
 
 def run_studies(args) -> None:
