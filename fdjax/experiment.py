@@ -372,17 +372,17 @@ def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, clie
     faults = list(enumerate(config.faults.parsed))
     clients = []
     example = _program("model", *client_spec).init(jax.random.key(0)) if deployment else None
+    build = functools.partial(_program, "trainer", client_spec, cc.optimizer, cc.learning_rate,
+                              cc.batch_size)
     for i, part in enumerate(fed.clients):
+        arrays = part.arrays()
         args = (ctx, i, devices[i % len(devices)],
-                part.arrays() if cc.cohort or deployment else as_device_data(part.arrays()),
-                trainer,
+                arrays if cc.cohort or deployment else as_device_data(arrays), trainer,
                 cc.local_epochs, cost, jax.random.fold_in(jax.random.fold_in(key, 100), i),
                 to_server)
         mine = [(n, f) for n, f in faults if f.client == i]
         if deployment is not None:
-            build = functools.partial(_program, "trainer", client_spec, cc.optimizer,
-                                      cc.learning_rate, cc.batch_size)
-            clients.append(deployment.client(i, args, mine, build, part.arrays(), example))
+            clients.append(deployment.client(i, args, mine, build, arrays, example))
         else:
             clients.append(FaultyClient(*args, faults=mine) if mine else Client(*args))
     if not cc.cohort:
