@@ -11,8 +11,9 @@ width), each run written to ``<out>/<partition>/<method>/seed<k>/``:
 
 A run whose directory already holds a finished run (``nodes.json``), or one that another live
 process is running (``running.pid``), is skipped, so a study that was stopped continues where it
-left off, and several processes can share a study (``--methods`` picks and orders the methods). ``--report`` only rebuilds ``results.json``,
-``results.md`` and the figures from the run directories.
+left off, and several processes can share a study (``--methods`` picks and orders the methods).
+``--report`` only rebuilds ``results.json``, ``results.md`` and the figures from the run
+directories.
 
     python experiments/paper_cifar10/run.py --study iid [--data-dir DIR] [--set KEY=VALUE ...]
     python experiments/paper_cifar10/run.py --report
@@ -221,8 +222,8 @@ def beyond_paper_lines(runs: dict, summaries: dict) -> list[str]:
         lines.append(f"- speed: {'met' if mine <= 1.1 * ref else 'missed'}: {mine:.0f} s mean "
                      f"to 60% against `async-continuous`'s {ref:.0f} s ({mine / ref:.2f}x; "
                      f"within 10% means at most {1.1 * ref:.0f} s)")
-    lines.append(f"- final accuracy: {'met' if finals['async-fwd'] >= finals['sync-fwd'] else 'missed'}"
-                 f": {100 * finals['async-fwd']:.1f}% mean against `sync-fwd`'s "
+    verdict = "met" if finals["async-fwd"] >= finals["sync-fwd"] else "missed"
+    lines.append(f"- final accuracy: {verdict}: {100 * finals['async-fwd']:.1f}% mean against `sync-fwd`'s "
                  f"{100 * finals['sync-fwd']:.1f}% (`async-continuous`: "
                  f"{100 * finals['async-continuous']:.1f}%)")
     if len(seeds) < 3:
