@@ -223,8 +223,8 @@ def beyond_paper_lines(runs: dict, summaries: dict) -> list[str]:
                      f"to 60% against `async-continuous`'s {ref:.0f} s ({mine / ref:.2f}x; "
                      f"within 10% means at most {1.1 * ref:.0f} s)")
     verdict = "met" if finals["async-fwd"] >= finals["sync-fwd"] else "missed"
-    lines.append(f"- final accuracy: {verdict}: {100 * finals['async-fwd']:.1f}% mean against `sync-fwd`'s "
-                 f"{100 * finals['sync-fwd']:.1f}% (`async-continuous`: "
+    lines.append(f"- final accuracy: {verdict}: {100 * finals['async-fwd']:.1f}% mean against "
+                 f"`sync-fwd`'s {100 * finals['sync-fwd']:.1f}% (`async-continuous`: "
                  f"{100 * finals['async-continuous']:.1f}%)")
     if len(seeds) < 3:
         lines.append(f"- {len(seeds)} seed(s) so far; the claim needs at least 3")
