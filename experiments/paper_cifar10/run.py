@@ -226,6 +226,12 @@ def beyond_paper_lines(runs: dict, summaries: dict) -> list[str]:
     lines.append(f"- final accuracy: {verdict}: {100 * finals['async-fwd']:.1f}% mean against "
                  f"`sync-fwd`'s {100 * finals['sync-fwd']:.1f}% (`async-continuous`: "
                  f"{100 * finals['async-continuous']:.1f}%)")
+    small = {m: [r for r in runs[m] if r["seed"] in seeds] for m in names[:2]}
+    small_mean = {m: 100 * sum(row["small_accuracy"] for r in rs for row in r["rows"])
+                  / sum(len(r["rows"]) for r in rs) for m, rs in small.items()}
+    lines.append(f"- the averaged small model (the teacher of reverse distillation), mean accuracy "
+                 f"over every evaluation: {small_mean['async-fwd']:.1f}% with forward "
+                 f"distillation mixed in, {small_mean['async-continuous']:.1f}% without")
     if len(seeds) < 3:
         lines.append(f"- {len(seeds)} seed(s) so far; the claim needs at least 3")
     return lines + [""]
