@@ -227,6 +227,12 @@ class DistillConfig(_Section):
     chunks_per_round: int = _f(1, _ge(1))
     forward_chunks: int = _f(1, _ge(1))
     forward_every: int = _f(5, _ge(1))  # async-fwd: forward-distil after every N reverse chunks
+    # async-fwd: "always" forward-distils every forward_every chunks; "lead" first checks, on
+    # gate_holdout labeled images cut from the proxy set, that the global model is more
+    # accurate than the averaged small model, and skips the forward chunk otherwise (forward
+    # distillation from a weaker teacher pulls the small model down).
+    forward_gate: str = _f("always", _one_of("always", "lead"))
+    gate_holdout: int = _f(1000, _ge(1))
     batch_size: int = _f(64, _ge(1))
     label_weight: float = _f(0.0, _within(0, 1))
     # Label-free augmentation of distillation batches; "flip_crop" is the CIFAR recipe (digits
@@ -476,6 +482,13 @@ class Config(_Section):
         if self.aggregation.quorum > self.clients.per_round:
             raise ConfigError(f"aggregation.quorum: must be <= the clients sampled per round "
                               f"({self.clients.per_round}), got {self.aggregation.quorum}")
+        if self.distill.forward_gate == "lead":
+            if self.distill.gate_holdout >= self.data.proxy_size:
+                raise ConfigError(f"distill.gate_holdout: must be smaller than data.proxy_size "
+                                  f"({self.data.proxy_size}), got {self.distill.gate_holdout}")
+            if self.backend == "ray":
+                raise ConfigError('distill.forward_gate: "lead" is not available with backend '
+                                  '= "ray" yet (the gate evaluates in the driver process)')
         if self.faults.parsed and self.clients.cohort:
             raise ConfigError("faults.clients: cannot inject faults into clients trained as "
                               "cohorts (clients.cohort = true): a cohort trains its members in "

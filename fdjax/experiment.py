@@ -31,8 +31,8 @@ from fdjax.runtime.cohorts import ClientCohort
 from fdjax.runtime.compiled import (ClientPool, CohortTrainer, Distiller, Evaluator,
                                     LocalTrainer, as_device_data)
 from fdjax.runtime.faults import FaultyClient
-from fdjax.runtime.nodes import (AveragingServer, Client, Context, DistillationServer, Observer,
-                                 supervise)
+from fdjax.runtime.nodes import (AveragingServer, Client, Context, DistillationServer, LeadGate,
+                                 Observer, supervise)
 from fdjax.runtime.sampling import ClientSampler
 from fdjax.rundir import RunDirectory
 from fdjax.runstate import RunState
@@ -231,7 +231,15 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
         forward = (_program("distiller", small_spec, large_spec, *settings)
                    if method.forward else None)
         large_state = reverse.init(large.init(jax.random.fold_in(key, 1)))
-        proxy = fed.proxy.arrays()
+        proxy, gate = fed.proxy.arrays(), None
+        if method.mixes_distilled and dc.forward_gate == "lead":
+            # the gate's labeled holdout is cut from the distillation set, which shrinks by it
+            held, kept = (fed.proxy_indices[-dc.gate_holdout:],
+                          fed.proxy_indices[:-dc.gate_holdout])
+            proxy = splits.train.subset(kept, keep_labels=config.data.keep_proxy_labels).arrays()
+            gate = LeadGate(_program("evaluator", *large_spec),
+                            _program("evaluator", *small_spec),
+                            as_device_data(splits.train.subset(held).arrays()), forward_cost)
         if deployment is not None:  # the programs are built again inside the actor
             builders = {"reverse": functools.partial(_program, "distiller", large_spec,
                                                      small_spec, *settings)}
@@ -248,7 +256,7 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
             proxy if deployment else as_device_data(proxy), server_cost,
             jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
             reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
-            forward_every=dc.forward_every, forward_cost=forward_cost)
+            forward_every=dc.forward_every, forward_cost=forward_cost, gate=gate)
     global_of = (lambda: distiller.params) if distiller else (lambda: averaging.params)
     small_of = (lambda: averaging.params) if distiller else None
     rows: list[dict] = []
@@ -268,6 +276,9 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
                    last_staleness=(distiller.staleness[-1]
                                    if distiller and distiller.staleness else None),
                    **state.fault_counters())
+        if distiller is not None and distiller.gate is not None:
+            row.update(gate_checks=distiller.gate_checks, gate_opens=distiller.gate_opens,
+                       forwards=distiller.forwards)
         rows.append(row)
         if rundir is not None:
             rundir.append(row)

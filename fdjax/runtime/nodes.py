@@ -377,6 +377,36 @@ class AveragingServer:
             self.ctx.log(self.name, "mixed", version=version, staleness=staleness)
 
 
+@dataclasses.dataclass
+class LeadGate:
+    """Tells whether the global model is more accurate than the small one, on labeled images.
+
+    Forward distillation teaches the small model the global model's outputs; while the global
+    model is the weaker of the two that pulls the small model, the reverse distillation's
+    teacher, down (measured in ``experiments/paper_cifar10``). The gate lets it run only once
+    the global model leads on a labeled holdout the distillation server keeps apart from its
+    distillation set.
+
+    Args:
+        global_eval, small_eval: evaluators of the two models.
+        holdout: ``{"images", "labels"}``, disjoint from the distillation set and the clients.
+        cost: how a check is charged, per holdout image (``examples``).
+    """
+
+    global_eval: Any
+    small_eval: Any
+    holdout: dict
+    cost: Cost
+
+    @property
+    def examples(self) -> int:
+        return int(self.holdout["images"].shape[0])
+
+    def __call__(self, global_params: Any, small_params: Any) -> tuple[float, float]:
+        return (self.global_eval(global_params, self.holdout)["accuracy"],
+                self.small_eval(small_params, self.holdout)["accuracy"])
+
+
 class DistillationServer:
     """Holds the global (large) model and distils between it and the averaged small model.
 
@@ -389,14 +419,21 @@ class DistillationServer:
             every round, in "continuous" mode after every ``forward_every`` reverse chunks, sent
             to the averaging server to be mixed in.
         forward_cost: how forward distillation is charged (default: as reverse, ``cost``).
+        gate: in "continuous" mode with ``forward``, a ``LeadGate`` checked before each
+            forward distillation, which is skipped unless the global model leads; None
+            forward-distils every time.
     """
 
     def __init__(self, ctx: Context, device: Device, large_state: Any, reverse: Distiller,
                  forward_distiller: Distiller | None, proxy: dict, cost: Cost, key: jax.Array,
                  averages: Register, averaging: AveragingServer, mode: str,
                  reverse_chunks: int = 1, forward_chunks: int = 1, forward_every: int = 1,
-                 forward_cost: Cost | None = None):
+                 forward_cost: Cost | None = None, gate: LeadGate | None = None):
         self.ctx, self.device, self.state = ctx, device, large_state
+        self.gate = gate
+        #: gate checks made and how many found the global model leading.
+        self.gate_checks = 0
+        self.gate_opens = 0
         self.reverse, self.forward_distiller = reverse, forward_distiller
         self.proxy, self.cost = proxy, cost
         self.forward_cost = forward_cost or cost
@@ -428,6 +465,7 @@ class DistillationServer:
         arrays = {"state": self.state, "key": jax.random.key_data(self.key),
                   "forward_key": jax.random.key_data(self.forward_key)}
         return arrays, {"chunks": self.chunks, "forwards": self.forwards,
+                        "gate_checks": self.gate_checks, "gate_opens": self.gate_opens,
                         "staleness": self.staleness[:self.chunks], "version": self.version,
                         "stats": self.stats.as_dict()}
 
@@ -436,6 +474,8 @@ class DistillationServer:
         self.key = jax.random.wrap_key_data(arrays["key"])
         self.forward_key = jax.random.wrap_key_data(arrays["forward_key"])
         self.chunks, self.forwards = meta["chunks"], meta["forwards"]
+        self.gate_checks = meta.get("gate_checks", 0)
+        self.gate_opens = meta.get("gate_opens", 0)
         self.staleness, self.version = list(meta["staleness"]), meta["version"]
         self.stats = NodeStats(**meta["stats"])
         self.resumed = True
@@ -473,6 +513,20 @@ class DistillationServer:
         self.ctx.log(self.name, "forward", version=version)
         return state.params
 
+    async def _leads(self, small: Any, version: int) -> bool:
+        """Whether the global model is more accurate than ``small`` on the gate's holdout."""
+        gate = self.gate
+        (global_accuracy, small_accuracy), charged = await self.ctx.clock.compute(
+            self.device, lambda: gate(self.params, small), cost=gate.cost,
+            examples=gate.examples, program=gate, node=self.name, label="gate")
+        self.stats.busy += charged
+        leads = global_accuracy > small_accuracy
+        self.gate_checks += 1
+        self.gate_opens += int(leads)
+        self.ctx.log(self.name, "gate", version=version, leads=leads,
+                     global_accuracy=global_accuracy, small_accuracy=small_accuracy)
+        return leads
+
     async def run(self, initial_small: Any) -> None:
         if self.mode == "sync":
             small, version = initial_small, 0
@@ -500,7 +554,8 @@ class DistillationServer:
                     small, version = self.averages.value, self.averages.version
                     self.version = version
                 await self._reverse(small, version)
-                if self.forward_distiller is not None and self.chunks % self.forward_every == 0:
+                if (self.forward_distiller is not None and self.chunks % self.forward_every == 0
+                        and (self.gate is None or await self._leads(small, version))):
                     distilled = await self._forward(small, version)
                     self.averaging.from_distiller.send((distilled, version),
                                                        tree_bytes(distilled), self.stats)
