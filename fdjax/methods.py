@@ -6,7 +6,7 @@
 | ``sync`` | round: broadcast -> local -> FedAvg -> reverse distillation; clients wait during it |
 | ``async-round`` | FedAvg rounds back to back; the distillation server reverse-distils each new average once, always the newest |
 | ``async-continuous`` | as ``async-round``, but the distillation server never waits: chunk after chunk against the newest average |
-| ``async-fwd`` | ``async-continuous`` plus forward distillation run by the distillation server between chunks and mixed into the averaging server's model with a staleness weight (beyond the paper) |
+| ``async-fwd`` | ``async-continuous`` plus forward distillation run by the distillation server between chunks and mixed into the averaging server's model with a staleness weight (beyond the paper); with ``distill.forward_gate = "lead"`` only while the global model is the more accurate |
 | ``fedavg-large`` | clients train the large model directly with FedAvg; no distillation (reference) |
 """
 
