@@ -8,7 +8,7 @@ import pytest
 
 import fdjax.experiment as experiment
 from fdjax.config import ConfigError, load_config
-from fdjax.experiment import prepare_data, run
+from fdjax.experiment import run
 from fdjax.runtime.nodes import DistillationServer, LeadGate
 from tests.runtime.test_methods import TINY, events
 
@@ -66,7 +66,6 @@ def test_the_gate_measures_both_models_on_a_holdout_apart_from_the_distillation_
 
     monkeypatch.setattr(experiment, "DistillationServer", Spy)
     result = run(config)
-    splits, fed = prepare_data(config)
     proxy_size = config.data.proxy_size
     gate, server = gates[0], servers[0]
     assert gate.examples == HOLDOUT and server.examples == proxy_size - HOLDOUT
