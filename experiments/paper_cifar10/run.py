@@ -238,16 +238,15 @@ def beyond_paper_lines(runs: dict, summaries: dict, name: str) -> list[str]:
     lines.append(f"- final accuracy: {verdict}: {100 * finals[name]:.1f}% mean against "
                  f"`sync-fwd`'s {100 * finals['sync-fwd']:.1f}% (`async-continuous`: "
                  f"{100 * finals['async-continuous']:.1f}%)")
-    mine = [r for r in runs[name] if r["seed"] in seeds]
-    small = {m: [r for r in runs[m] if r["seed"] in seeds] for m in names[:2]}
+    shared = {m: [r for r in runs[m] if r["seed"] in seeds] for m in names[:2]}
     small_mean = {m: 100 * sum(row["small_accuracy"] for r in rs for row in r["rows"])
-                  / sum(len(r["rows"]) for r in rs) for m, rs in small.items()}
+                  / sum(len(r["rows"]) for r in rs) for m, rs in shared.items()}
     lines.append(f"- the averaged small model (the teacher of reverse distillation), mean accuracy "
                  f"over every evaluation: {small_mean[name]:.1f}% here, "
                  f"{small_mean['async-continuous']:.1f}% in `async-continuous`")
-    if "gate_checks" in mine[0]["rows"][-1]:
+    if "gate_checks" in shared[name][0]["rows"][-1]:
         opened = ", ".join(f"{r['rows'][-1]['gate_opens']} of {r['rows'][-1]['gate_checks']} "
-                           f"(seed {r['seed']})" for r in mine)
+                           f"(seed {r['seed']})" for r in shared[name])
         lines.append(f"- gate checks that found the global model leading: {opened}")
     if len(seeds) < 3:
         lines.append(f"- {len(seeds)} seed(s) so far; the claim needs at least 3")
