@@ -228,11 +228,15 @@ class DistillConfig(_Section):
     forward_chunks: int = _f(1, _ge(1))
     forward_every: int = _f(5, _ge(1))  # async-fwd: forward-distil after every N reverse chunks
     # async-fwd: "always" forward-distils every forward_every chunks; "lead" first checks, on
-    # gate_holdout labeled images cut from the proxy set, that the global model is more
-    # accurate than the averaged small model, and skips the forward chunk otherwise (forward
-    # distillation from a weaker teacher pulls the small model down).
+    # gate_holdout labeled images, that the global model is more accurate than the averaged
+    # small model, and skips the forward chunk otherwise (forward distillation from a weaker
+    # teacher pulls the small model down). gate_holdout_from says where those images come from:
+    # "proxy" cuts them from the distillation set (which shrinks by them); "test" takes the
+    # tail of the test split, which evaluation then never uses (a server-side validation set
+    # that leaves the clients' and the distillation data as every other method has them).
     forward_gate: str = _f("always", _one_of("always", "lead"))
     gate_holdout: int = _f(1000, _ge(1))
+    gate_holdout_from: str = _f("proxy", _one_of("proxy", "test"))
     batch_size: int = _f(64, _ge(1))
     label_weight: float = _f(0.0, _within(0, 1))
     # Label-free augmentation of distillation batches; "flip_crop" is the CIFAR recipe (digits
@@ -483,7 +487,8 @@ class Config(_Section):
             raise ConfigError(f"aggregation.quorum: must be <= the clients sampled per round "
                               f"({self.clients.per_round}), got {self.aggregation.quorum}")
         if self.distill.forward_gate == "lead":
-            if self.distill.gate_holdout >= self.data.proxy_size:
+            if (self.distill.gate_holdout_from == "proxy"
+                    and self.distill.gate_holdout >= self.data.proxy_size):
                 raise ConfigError(f"distill.gate_holdout: must be smaller than data.proxy_size "
                                   f"({self.data.proxy_size}), got {self.distill.gate_holdout}")
             if self.backend == "ray":

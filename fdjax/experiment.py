@@ -23,7 +23,7 @@ import numpy as np
 from fdjax import report
 from fdjax.config import Config, config_to_toml, parse_resources
 from fdjax.core import OptimizerSettings, make_model, make_optimizer
-from fdjax.data import load_splits, split_federated
+from fdjax.data import DataError, load_splits, split_federated
 from fdjax.methods import Method, get_method
 from fdjax.runtime.channels import Mailbox, Network, Register
 from fdjax.runtime.clock import Clock, Cost, Device
@@ -126,11 +126,21 @@ def _program(kind: str, *settings: Any) -> Any:
 
 
 def prepare_data(config: Config):
-    """Loads the dataset and splits it into clients and the proxy set (same for every method)."""
-    d = config.data
+    """Loads the dataset and splits it into clients and the proxy set (same for every method).
+
+    With ``distill.forward_gate = "lead"`` and ``distill.gate_holdout_from = "test"`` the gate's
+    labeled holdout is cut from the end of the test split here, for every method alike, so that
+    all methods of one comparison are evaluated on the same test images.
+    """
+    d, dc = config.data, config.distill
+    holdout = (dc.gate_holdout if dc.forward_gate == "lead" and dc.gate_holdout_from == "test"
+               else 0)
     splits = load_splits(d.source, name=d.name, data_dir=d.data_dir, download=d.download,
                          root=d.root, test_split=d.test_split, limit=d.limit,
-                         test_limit=d.test_limit, seed=config.seed)
+                         test_limit=d.test_limit, holdout=holdout, seed=config.seed)
+    if splits.holdout is not None and splits.holdout.labels is None:
+        raise DataError(f"distill.gate_holdout_from: the test split of {splits.test.name} has "
+                        f"no labels, and the gate needs labeled images")
     fed = split_federated(splits.train, config.clients.count, scheme=d.partition,
                           proxy_size=d.proxy_size, keep_proxy_labels=d.keep_proxy_labels,
                           seed=config.seed, alpha=d.alpha,
@@ -233,13 +243,19 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
         large_state = reverse.init(large.init(jax.random.fold_in(key, 1)))
         proxy, gate = fed.proxy.arrays(), None
         if method.mixes_distilled and dc.forward_gate == "lead":
-            # the gate's labeled holdout is cut from the distillation set, which shrinks by it
-            held, kept = (fed.proxy_indices[-dc.gate_holdout:],
-                          fed.proxy_indices[:-dc.gate_holdout])
-            proxy = splits.train.subset(kept, keep_labels=config.data.keep_proxy_labels).arrays()
+            if dc.gate_holdout_from == "test":  # cut by prepare_data, apart from all training data
+                if splits.holdout is None or len(splits.holdout) != dc.gate_holdout:
+                    raise ValueError("run(data=...): the data was prepared without the gate's "
+                                     "test holdout; build it with prepare_data(config)")
+                held = splits.holdout.arrays()
+            else:  # cut from the distillation set, which shrinks by it
+                kept = fed.proxy_indices[:-dc.gate_holdout]
+                proxy = splits.train.subset(
+                    kept, keep_labels=config.data.keep_proxy_labels).arrays()
+                held = splits.train.subset(fed.proxy_indices[-dc.gate_holdout:]).arrays()
             gate = LeadGate(_program("evaluator", *large_spec),
-                            _program("evaluator", *small_spec),
-                            as_device_data(splits.train.subset(held).arrays()), forward_cost)
+                            _program("evaluator", *small_spec), as_device_data(held),
+                            forward_cost)
         if deployment is not None:  # the programs are built again inside the actor
             builders = {"reverse": functools.partial(_program, "distiller", large_spec,
                                                      small_spec, *settings)}

@@ -12,17 +12,14 @@ evaluated on ``train[45000:47500]``. Each variant changes one setting of the bas
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import jax
 
 from fdjax.core import OptimizerSettings, make_model, make_optimizer
-from fdjax.data import load_tfds
+from fdjax.data import default_tfds_dir, load_tfds
 from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer, as_device_data
 
-REPO = Path(__file__).resolve().parents[2]
 #: name -> (norm, learning rate, temperature, proxy images)
 VARIANTS = {"A_proxy5k": ("none", 1e-3, 2.0, 5000), "B_baseline": ("none", 1e-3, 2.0, 10000),
             "C_groupnorm": ("group", 1e-3, 2.0, 10000), "D_lr3e-3": ("none", 3e-3, 2.0, 10000),
@@ -31,8 +28,7 @@ VARIANTS = {"A_proxy5k": ("none", 1e-3, 2.0, 5000), "B_baseline": ("none", 1e-3,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get(
-        "FDJAX_TFDS_DIR", str(REPO.parent / "shared" / "data" / "tfds")))
+    parser.add_argument("--data-dir", default=default_tfds_dir())
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     train = as_device_data(load_tfds("cifar10", "train[:35000]", args.data_dir).arrays())

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from fdjax.config import load_config
+from fdjax.data import default_tfds_dir
 from fdjax.experiment import run
 
 HERE = Path(__file__).resolve().parent
@@ -50,8 +51,7 @@ def per_computation(run_dir: Path, rounds: int, chunks: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get(
-        "FDJAX_TFDS_DIR", str(HERE.parents[1].parent / "shared" / "data" / "tfds")))
+    parser.add_argument("--data-dir", default=default_tfds_dir())
     parser.add_argument("--methods", default="sync,async-continuous")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--report", action="store_true",

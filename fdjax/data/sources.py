@@ -83,10 +83,15 @@ class ArrayDataset:
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """A dataset's train and test splits."""
+    """A dataset's train and test splits, and an optional labeled holdout cut from the test split.
+
+    ``holdout`` is the tail of the test split that ``test`` never contains: a labeled
+    validation set a server may decide by without touching the images results are measured on.
+    """
 
     train: ArrayDataset
     test: ArrayDataset
+    holdout: ArrayDataset | None = None
 
 
 def load_embedded(test_fraction: float = 0.2, seed: int = 0) -> Splits:
@@ -150,6 +155,21 @@ def _read_tfds(name: str, split: str, data_dir: str | None, download: bool
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels, num_classes
+
+
+#: The environment variable that names a prepared TFDS data directory.
+TFDS_DIR_VARIABLE = "FDJAX_TFDS_DIR"
+
+
+def default_tfds_dir() -> str:
+    """``$FDJAX_TFDS_DIR``, else ``shared/data/tfds`` beside the checkout fdjax runs from.
+
+    One place for the tests and the CIFAR-10 experiments to find a prepared TFDS directory
+    (nothing is downloaded). "Beside the checkout" holds for an editable install (``pip install
+    -e .``); with any other install, set the variable or pass the directory.
+    """
+    checkout = Path(__file__).resolve().parents[2]
+    return os.environ.get(TFDS_DIR_VARIABLE, str(checkout.parent / "shared" / "data" / "tfds"))
 
 
 def load_tfds(name: str, split: str, data_dir: str | None = None, download: bool = False,
@@ -239,8 +259,8 @@ def load_synthetic(num_examples: int, image_shape: Sequence[int] = (16, 16, 3),
 def load_splits(source: str = "embedded", *, name: str = "cifar10", data_dir: str | None = None,
                 download: bool = False, root: str | None = None, train_split: str = "train",
                 test_split: str = "test", limit: int | None = None, test_limit: int | None = None,
-                synthetic_shape: Sequence[int] = (16, 16, 3), num_classes: int = 10,
-                seed: int = 0) -> Splits:
+                holdout: int = 0, synthetic_shape: Sequence[int] = (16, 16, 3),
+                num_classes: int = 10, seed: int = 0) -> Splits:
     """Loads train and test splits from any source (see the module docstring).
 
     Args:
@@ -251,7 +271,9 @@ def load_splits(source: str = "embedded", *, name: str = "cifar10", data_dir: st
         root: image-folder root (source "folder").
         train_split, test_split: split names (sources "tfds" and "folder").
         limit: keep at most this many training examples (the first ones).
-        test_limit: keep at most this many test examples.
+        test_limit: keep at most this many test examples (of those left after ``holdout``).
+        holdout: cut this many labeled examples from the end of the test split into
+            ``Splits.holdout``; ``test`` keeps only examples before them, so the two never overlap.
         synthetic_shape, num_classes, seed: for source "synthetic" (and the embedded split seed).
     """
     if source == "embedded":
@@ -267,14 +289,26 @@ def load_splits(source: str = "embedded", *, name: str = "cifar10", data_dir: st
         splits = Splits(train, load_image_folder(root, test_split, classes))
     elif source == "synthetic":
         n = limit or 2000
-        splits = Splits(load_synthetic(n, synthetic_shape, num_classes, seed, split=0),
-                        load_synthetic(test_limit or max(n // 5, 1), synthetic_shape,
-                                       num_classes, seed, split=1))
+        test = load_synthetic(test_limit or max(n // 5, 1), synthetic_shape, num_classes, seed,
+                              split=1)
+        if holdout:  # drawn apart, so that the evaluated test images do not change with it
+            extra = load_synthetic(holdout, synthetic_shape, num_classes, seed, split=2)
+            test = ArrayDataset(np.concatenate([test.images, extra.images]),
+                                np.concatenate([test.labels, extra.labels]), num_classes,
+                                test.name)
+        splits = Splits(load_synthetic(n, synthetic_shape, num_classes, seed, split=0), test)
     else:
         raise DataError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
-    train, test = splits.train, splits.test
+    train, test, held = splits.train, splits.test, None
     if limit is not None:
         train = train.subset(np.arange(min(limit, len(train))))
+    if holdout:
+        if holdout < 0 or holdout >= len(test):
+            raise DataError(f"a holdout of {holdout} examples leaves none of the {len(test)} "
+                            f"test examples ({test.name}) to evaluate on")
+        keep = len(test) - holdout
+        held = test.subset(np.arange(keep, len(test)), name=f"{test.name}/holdout")
+        test = test.subset(np.arange(keep))
     if test_limit is not None:
         test = test.subset(np.arange(min(test_limit, len(test))))
-    return Splits(train, test)
+    return Splits(train, test, held)

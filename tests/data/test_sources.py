@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from fdjax.data import DataError, load_image_folder, load_splits, load_synthetic, load_tfds
+from fdjax.data import (DataError, default_tfds_dir, load_image_folder, load_splits,
+                        load_synthetic, load_tfds)
 
 
 def test_embedded_default_needs_no_network_or_files():
@@ -25,6 +28,34 @@ def test_synthetic_splits_share_one_task():
         a = splits.train.images[splits.train.labels == cls].mean(0)
         b = splits.test.images[splits.test.labels == cls].mean(0)
         assert np.abs(a - b).mean() < 20
+
+
+def rows(images):
+    return {img.tobytes() for img in images}
+
+
+@pytest.mark.parametrize("source, extra", [
+    ("embedded", {}),  # no test_limit: evaluation keeps every test image before the holdout
+    ("synthetic", {"limit": 300, "test_limit": 50, "synthetic_shape": (8, 8, 3)}),
+])
+def test_a_holdout_is_labeled_cut_from_the_test_split_and_never_evaluated(source, extra):
+    plain = load_splits(source, **extra)
+    split = load_splits(source, holdout=40, **extra)
+    assert len(split.holdout) == 40 and split.holdout.labels.shape == (40,)
+    assert not rows(split.holdout.images) & rows(split.test.images)  # disjoint
+    np.testing.assert_array_equal(split.train.images, plain.train.images)
+    if source == "embedded":  # the holdout is the tail of the one test split
+        assert len(split.test) == len(plain.test) - 40
+        np.testing.assert_array_equal(split.holdout.images, plain.test.images[-40:])
+    else:  # drawn apart, so the evaluated images are the same with or without it
+        np.testing.assert_array_equal(split.test.images, plain.test.images)
+    assert plain.holdout is None
+
+
+def test_a_holdout_that_leaves_nothing_to_evaluate_is_an_error():
+    size = len(load_splits().test)
+    with pytest.raises(DataError, match=f"leaves none of the {size} test examples"):
+        load_splits(holdout=size)
 
 
 def write_folder(root, split, classes, size=(10, 12), mode="RGB", per_class=3):
@@ -65,6 +96,14 @@ def test_unknown_source_and_bad_synthetic_settings():
         load_splits("kaggle")
     with pytest.raises(DataError):
         load_synthetic(0)
+
+
+def test_one_setting_names_the_tfds_directory(monkeypatch):
+    monkeypatch.delenv("FDJAX_TFDS_DIR", raising=False)
+    checkout = Path(__file__).resolve().parents[2]
+    assert default_tfds_dir() == str(checkout.parent / "shared" / "data" / "tfds")
+    monkeypatch.setenv("FDJAX_TFDS_DIR", "/data/tfds")
+    assert default_tfds_dir() == "/data/tfds"
 
 
 @pytest.mark.cifar

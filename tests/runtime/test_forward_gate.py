@@ -1,5 +1,5 @@
 """``distill.forward_gate = "lead"``: async-fwd forward-distils only while the global model
-leads the small one on a labeled holdout cut from the distillation set."""
+leads the small one on a labeled holdout, cut from the distillation set or from the test split."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 import fdjax.experiment as experiment
 from fdjax.config import ConfigError, load_config
-from fdjax.experiment import run
+from fdjax.experiment import prepare_data, run
 from fdjax.runtime.nodes import DistillationServer, LeadGate
 from tests.runtime.test_methods import TINY, events
 
@@ -25,6 +25,20 @@ def forced(monkeypatch, global_accuracy: float, small_accuracy: float) -> None:
     """Makes every gate check see these accuracies."""
     monkeypatch.setattr(LeadGate, "__call__",
                         lambda self, g, s: (global_accuracy, small_accuracy))
+
+
+def spy_on_servers(monkeypatch) -> tuple[list, list]:
+    """The distillation servers the next runs build, and the gates they were given."""
+    servers, gates = [], []
+
+    class Spy(DistillationServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+            gates.append(kwargs["gate"])
+
+    monkeypatch.setattr(experiment, "DistillationServer", Spy)
+    return servers, gates
 
 
 def test_a_closed_gate_skips_every_forward_distillation_and_charges_each_check(monkeypatch):
@@ -56,15 +70,7 @@ def test_an_open_gate_forward_distils_after_every_check(monkeypatch):
 def test_the_gate_measures_both_models_on_a_holdout_apart_from_the_distillation_set(
         monkeypatch):
     config = gated()
-    servers, gates = [], []
-
-    class Spy(DistillationServer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            servers.append(self)
-            gates.append(kwargs["gate"])
-
-    monkeypatch.setattr(experiment, "DistillationServer", Spy)
+    servers, gates = spy_on_servers(monkeypatch)
     result = run(config)
     proxy_size = config.data.proxy_size
     gate, server = gates[0], servers[0]
@@ -78,6 +84,30 @@ def test_the_gate_measures_both_models_on_a_holdout_apart_from_the_distillation_
         assert e["leads"] == (e["global_accuracy"] > e["small_accuracy"])
 
 
+def test_a_holdout_from_the_test_split_leaves_every_training_image_where_it_was(monkeypatch):
+    config = gated("distill.gate_holdout_from=test")
+    plain = load_config(None, TINY + ["method=async-continuous"])
+    splits, fed = prepare_data(config)
+    plain_splits, plain_fed = prepare_data(plain)
+    # the evaluated test images, the clients' data and the distillation set are unchanged
+    np.testing.assert_array_equal(splits.test.images, plain_splits.test.images)
+    np.testing.assert_array_equal(fed.proxy.images, plain_fed.proxy.images)
+    for mine, theirs in zip(fed.clients, plain_fed.clients):
+        np.testing.assert_array_equal(mine.images, theirs.images)
+    held = splits.holdout.images.reshape(HOLDOUT, -1)
+    for other in [splits.test.images, splits.train.images]:
+        other = other.reshape(len(other), -1)
+        assert not (held[:, None, :] == other[None, :, :]).all(-1).any()  # disjoint
+
+    servers, gates = spy_on_servers(monkeypatch)
+    result = run(config)
+    assert servers[0].examples == config.data.proxy_size  # nothing cut from distillation
+    np.testing.assert_array_equal(np.asarray(gates[0].holdout["labels"]), splits.holdout.labels)
+    assert events(result, "gate")
+    with pytest.raises(ValueError, match="prepared without the gate's test holdout"):
+        run(config, data=(plain_splits, plain_fed))
+
+
 def test_always_is_the_default_and_leaves_async_fwd_as_it_was():
     plain = run(load_config(None, TINY + ["method=async-fwd", "distill.forward_every=1"]))
     assert events(plain, "gate") == [] and "gate_checks" not in plain.rows[-1]
@@ -88,6 +118,7 @@ def test_always_is_the_default_and_leaves_async_fwd_as_it_was():
     ([f"data.proxy_size={HOLDOUT}"], "distill.gate_holdout: must be smaller than data.proxy_size"),
     (["backend=ray", "clock=real"], 'distill.forward_gate: "lead" is not available with backend'),
     (["distill.forward_gate=sometimes"], "distill.forward_gate"),
+    (["distill.gate_holdout_from=clients"], "distill.gate_holdout_from"),
 ])
 def test_gate_settings_that_cannot_work_are_one_line_errors(extra, words):
     with pytest.raises(ConfigError, match=words):
