@@ -518,7 +518,10 @@ class DistillationServer:
         gate = self.gate
         (global_accuracy, small_accuracy), charged = await self.ctx.clock.compute(
             self.device, lambda: gate(self.params, small), cost=gate.cost,
-            examples=gate.examples, program=gate, node=self.name, label="gate")
+            # keyed by its compiled programs and holdout size, like every other program, so a
+            # measured or calibrated cost compiles and calibrates it once per process
+            examples=gate.examples, program=("gate", gate.global_eval, gate.small_eval,
+                                             gate.examples), node=self.name, label="gate")
         self.stats.busy += charged
         leads = global_accuracy > small_accuracy
         self.gate_checks += 1

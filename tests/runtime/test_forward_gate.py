@@ -108,6 +108,13 @@ def test_a_holdout_from_the_test_split_leaves_every_training_image_where_it_was(
         run(config, data=(plain_splits, plain_fed))
 
 
+@pytest.mark.parametrize("mode", ["measured", "calibrated"])
+def test_the_gate_is_charged_under_measured_and_calibrated_costs(mode):
+    result = run(gated(f"cost.mode={mode}"))
+    checks = events(result, "gate", "distillation")
+    assert checks and result.rows[-1]["gate_checks"] == len(checks)
+
+
 def test_always_is_the_default_and_leaves_async_fwd_as_it_was():
     plain = run(load_config(None, TINY + ["method=async-fwd", "distill.forward_every=1"]))
     assert events(plain, "gate") == [] and "gate_checks" not in plain.rows[-1]
