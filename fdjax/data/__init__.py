@@ -8,7 +8,7 @@ from fdjax.data.sources import (SOURCES, TFDS_DIR_VARIABLE, ArrayDataset, DataEr
 
 __all__ = [
     "SCHEMES", "SOURCES", "TFDS_DIR_VARIABLE", "ArrayDataset", "DataError", "FederatedData",
-    "Splits", "default_tfds_dir", "dirichlet_partition", "iid_partition", "label_skew", "load_embedded", "load_image_folder",
-    "load_splits", "load_synthetic", "load_tfds", "partition", "shard_partition",
-    "split_federated",
+    "Splits", "default_tfds_dir", "dirichlet_partition", "iid_partition", "label_skew",
+    "load_embedded", "load_image_folder", "load_splits", "load_synthetic", "load_tfds",
+    "partition", "shard_partition", "split_federated",
 ]
