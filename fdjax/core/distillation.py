@@ -25,13 +25,28 @@ from fdjax.core.training import ApplyFn, Metrics, TrainState, sample_plan, scan_
 
 def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
                   temperature: float) -> jax.Array:
-    """Per-example ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``; shape ``[batch]``."""
+    """Per-example ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``; shape ``[batch]``.
+
+    The gradient with respect to the student's logits is ``T * (softmax(s/T) - softmax(t/T))``
+    to float32 precision everywhere, also when the student is within rounding of its teacher:
+    the value is clipped at 0 (float rounding can make a KL of nearly identical distributions
+    come out a hair negative), but only the value, never the gradient. Clipping the value with
+    ``maximum`` would zero the gradient of every such example, which is the late phase of every
+    reverse distillation.
+
+    A class the teacher gives probability 0 (a logit of ``-inf``, a masked class) adds nothing:
+    ``0 * log 0`` is taken as 0, not NaN.
+    """
     t = jnp.asarray(temperature, jnp.float32)
     teacher_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
     student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
-    kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
-    # KL is non-negative; clip the tiny negative values float rounding can produce.
-    return t * t * jnp.maximum(kl, 0.0)
+    teacher_p = jnp.exp(teacher_logp)
+    held = teacher_p > 0
+    terms = jnp.where(held, teacher_p * (jnp.where(held, teacher_logp, 0.0) - student_logp), 0.0)
+    kl = jnp.sum(terms, axis=-1)
+    # The value clipped at 0, the gradient that of the unclipped KL (a straight-through clip).
+    kl = kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
+    return t * t * kl
 
 
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,
@@ -43,7 +58,9 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temp
         student_logits: ``[batch, classes]``.
         teacher_logits: ``[batch, classes]``; treated as a constant (no gradient flows to it).
         temperature: softening temperature ``T > 0``.
-        mask: ``[batch]`` weights of real examples (padding 0); all ones when omitted.
+        mask: ``[batch]`` non-negative weights of the examples (padding 0); all ones when
+            omitted. The loss is their weighted mean ``sum(w * loss) / sum(w)``, 0 when every
+            weight is 0 (a batch of padding only).
         labels: integer labels, where the distillation set keeps them.
         label_weight: weight of cross-entropy in ``[0, 1]``; ignored without labels.
     """
@@ -54,7 +71,11 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temp
         per_example = (1.0 - label_weight) * per_example + label_weight * ce
     if mask is None:
         mask = jnp.ones(per_example.shape, jnp.float32)
-    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    mask = jnp.asarray(mask, jnp.float32)
+    total = jnp.sum(mask)
+    # Padding examples (weight 0) may hold anything; never let their loss reach the sum.
+    weighted = jnp.where(mask > 0, per_example * mask, 0.0)
+    return jnp.where(total > 0, jnp.sum(weighted) / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def distill_step(state: TrainState, teacher_params: Any, batch: dict[str, jax.Array],

@@ -22,12 +22,17 @@ logits = hnp.arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(2, 10))
                     elements=st.floats(-30, 30, width=32))
 
 
+def draw_pair(data):
+    """A student's and a teacher's logits of one batch."""
+    student = data.draw(logits)
+    return student, data.draw(hnp.arrays(np.float32, student.shape,
+                                         elements=st.floats(-30, 30, width=32)))
+
+
 @settings(deadline=None, max_examples=60)
 @given(st.data(), st.sampled_from([0.5, 1.0, 2.0, 5.0]))
 def test_loss_is_never_negative(data, temperature):
-    student = data.draw(logits)
-    teacher = data.draw(hnp.arrays(np.float32, student.shape,
-                                   elements=st.floats(-30, 30, width=32)))
+    student, teacher = draw_pair(data)
     assert float(loss_fn(student, teacher, temperature)) >= 0.0
 
 
@@ -57,6 +62,108 @@ def test_mask_and_label_mixing():
     with_labels = distillation_loss(student, student, 1.0, labels=jnp.asarray([1, 0]),
                                     label_weight=0.5)
     assert float(with_labels) > 0.5  # cross-entropy of wrong labels, KD part is zero
+
+
+# --- the gradient, against the analytic T/B * (softmax(s/T) - softmax(t/T)) -----------------
+
+EPS32 = float(np.finfo(np.float32).eps)
+grad_fn = jax.jit(jax.grad(distillation_loss), static_argnums=(2,))
+
+
+def softmax64(x: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(x, np.float64) / temperature
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def analytic_grad(student, teacher, temperature, weights=None) -> np.ndarray:
+    """``T * w_i / sum(w) * (softmax(s_i/T) - softmax(t_i/T))`` in float64."""
+    w = np.ones(len(student)) if weights is None else np.asarray(weights, np.float64)
+    diff = softmax64(student, temperature) - softmax64(teacher, temperature)
+    return temperature * (w / w.sum())[:, None] * diff
+
+
+def assert_float32_close(got, want, temperature, weights=None):
+    """Within a few float32 roundings of each probability (the analytic form's own error)."""
+    w = np.ones(len(want)) if weights is None else np.asarray(weights, np.float64)
+    scale = temperature * (w / w.sum())[:, None]
+    error = np.abs(np.asarray(got, np.float64) - want)
+    np.testing.assert_array_less(error, np.broadcast_to(16 * EPS32 * scale + 1e-30, error.shape))
+
+
+temperatures = st.sampled_from([0.5, 1.0, 2.0, 5.0])
+
+
+@settings(deadline=None, max_examples=80)
+@given(st.data(), temperatures)
+def test_gradient_is_the_analytic_one_on_random_batches(data, temperature):
+    student, teacher = draw_pair(data)
+    got = grad_fn(student, teacher, temperature)
+    assert_float32_close(got, analytic_grad(student, teacher, temperature), temperature)
+
+
+@settings(deadline=None, max_examples=80)
+@given(st.data(), temperatures, st.sampled_from([1e-4, 1e-5, 1e-6]))
+def test_gradient_is_right_for_students_within_rounding_of_their_teacher(data, temperature,
+                                                                         distance):
+    """The late phase of distillation: a maximum() clip on the KL zeroed these gradients."""
+    teacher = data.draw(logits)
+    offset = data.draw(hnp.arrays(np.float32, teacher.shape, elements=st.floats(-1, 1, width=32)))
+    student = (teacher + np.float32(distance) * offset).astype(np.float32)
+    got = np.asarray(grad_fn(student, teacher, temperature), np.float64)
+    want = analytic_grad(student, teacher, temperature)
+    assert_float32_close(got, want, temperature)
+
+
+def test_near_teacher_gradients_are_not_zeroed():
+    """A fixed batch where float32 rounds the KL of most examples to <= 0."""
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(0, 3, (256, 10)).astype(np.float32)
+    student = (teacher + 1e-3 * rng.normal(size=teacher.shape)).astype(np.float32)
+    kl = np.asarray(kl_divergence(jnp.asarray(student), jnp.asarray(teacher), 1.0))
+    assert kl.min() >= 0.0  # the reported value is still clipped
+    got = np.asarray(grad_fn(student, teacher, 1.0), np.float64)
+    want = analytic_grad(student, teacher, 1.0)
+    assert np.linalg.norm(got - want) <= 1e-3 * np.linalg.norm(want)
+
+
+def test_minus_infinity_teacher_logits_are_masked_classes():
+    teacher = jnp.asarray([[2.0, -jnp.inf, 0.0], [-jnp.inf, 1.0, -jnp.inf]])
+    student = jnp.asarray([[1.0, 3.0, -1.0], [0.5, 0.0, 2.0]])
+    loss = distillation_loss(student, teacher, 2.0)
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    got = grad_fn(student, teacher, 2.0)
+    t64 = np.where(np.isinf(np.asarray(teacher)), -np.inf, np.asarray(teacher, np.float64))
+    want = analytic_grad(np.asarray(student), t64, 2.0)
+    assert_float32_close(got, want, 2.0)
+    # both models masking the same class: still finite, and that class adds nothing
+    same = jnp.asarray([[0.0, -jnp.inf, 1.0]])
+    assert float(distillation_loss(same, same, 1.0)) == 0.0
+    assert np.all(np.isfinite(np.asarray(grad_fn(same, same, 1.0))))
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.data(), temperatures)
+def test_a_mask_of_weights_gives_the_weighted_mean_and_its_gradient(data, temperature):
+    student, teacher = draw_pair(data)
+    weights = data.draw(hnp.arrays(np.float32, student.shape[:1],
+                                   elements=st.floats(0.0, 3.0, width=32)))
+    weights[0] = max(weights[0], np.float32(0.25))
+    per_example = np.asarray(kl_divergence(jnp.asarray(student), jnp.asarray(teacher),
+                                           temperature), np.float64)
+    want = float((per_example * weights).sum() / weights.astype(np.float64).sum())
+    got = float(loss_fn(student, teacher, temperature, jnp.asarray(weights)))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    grads = grad_fn(student, teacher, temperature, jnp.asarray(weights))
+    assert_float32_close(grads, analytic_grad(student, teacher, temperature, weights),
+                         temperature, weights)
+
+
+def test_a_batch_of_padding_only_has_zero_loss_and_gradient():
+    student, teacher = jnp.ones((3, 4)), jnp.zeros((3, 4)).at[:, 0].set(5.0)
+    assert float(distillation_loss(student, teacher, 1.0, mask=jnp.zeros(3))) == 0.0
+    assert not np.any(np.asarray(grad_fn(student, teacher, 1.0, jnp.zeros(3))))
 
 
 @pytest.fixture(scope="module")
