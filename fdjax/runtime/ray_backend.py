@@ -60,6 +60,8 @@ from fdjax.runtime.nodes import AveragingServer, Client, aggregate_updates, loca
 #: The fraction of an actor's GPU share its JAX may fill, leaving room for CUDA contexts.
 GPU_SHARE_HEADROOM = 0.9
 
+_logger = logging.getLogger("fdjax")
+
 
 def host(tree: Any) -> Any:
     """A pytree's arrays as numpy host arrays: what crosses Ray's object store."""
@@ -376,14 +378,49 @@ class Deployment:
                              ) from None
 
     def close(self) -> None:
-        """Kills every actor of the run and leaves the session (stopping a Ray fdjax started)."""
+        """Kills every actor of the run, waits until Ray has them dead, and leaves the session
+        (stopping a Ray fdjax started); so a run returns only once its actors are gone."""
         try:
             for actor in self.actors.values():
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
+            if self.actors:
+                self._wait_dead([f"fdjax/{self.tag}/{node}" for node in self.actors])
             self.actors.clear()
         finally:
             self._stack.close()
+
+    def _wait_dead(self, names: list[str], seconds: float = 30.0) -> None:
+        """Waits until none of the actors ``names`` is registered with Ray any more.
+
+        The cause this cures: ``ray.kill`` only sends the request. The driver's core worker
+        hands it to the GCS (Ray's head) without waiting for the reply (``CoreWorker::
+        KillActor`` calls ``AsyncKillActor`` with no callback), so the actor is still ALIVE,
+        and listed, until the GCS gets to it; a query sent right after may be served first.
+        A run that returned straight after ``ray.kill`` could leave live actors on the
+        cluster for a while (the flake: ``['fdjax/<tag>/client0']`` still listed by the
+        test's ``list_named_actors`` after a run, on a loaded machine). The GCS marks a
+        killed actor DEAD and releases its name in one step (``GcsActorManager::
+        DestroyActor``, before it replies), so once ``ray.util.list_named_actors`` (a query
+        to the GCS, public API) no longer lists an actor's name, Ray holds that actor dead.
+        Logs the ones still listed after ``seconds`` (a lost head, say) rather than hanging.
+        """
+        deadline, pause = time.monotonic() + seconds, 0.01
+        left = set(names)
+        while True:
+            try:
+                left &= set(ray.util.list_named_actors())
+            except Exception as err:  # the cluster is gone: so are its actors
+                _logger.warning("cannot check that the run's actors ended: %s", err)
+                return
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(pause)  # poll the GCS, not a fixed wait: the loop ends on the state
+            pause = min(2 * pause, 0.2)
+        if left:
+            _logger.warning(
+                "Ray still lists these actors %g s after ray.kill: %s", seconds,
+                ", ".join(sorted(left)))
 
 
 def local_cpus(server_cpus: float, client_cpus: float, clients: int) -> int:

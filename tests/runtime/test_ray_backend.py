@@ -198,6 +198,32 @@ def ray_instance():
         assert wait_gone(started) == [], "Ray processes left behind"
 
 
+def test_a_run_returns_only_once_ray_holds_its_actors_dead(ray_instance, monkeypatch):
+    """``ray.kill`` returns before Ray's head has the actor dead (the request is sent, not
+    waited for); ``Deployment.close`` waits until it has. Here each kill reaches the head half
+    a second late, as a loaded head may get to it, so without that wait both actors would
+    still be listed after ``close``: the teardown flake of the fault tests, made certain."""
+    import threading
+
+    from fdjax.runtime.ray_backend import Deployment, Role
+
+    role = Role(0.25, 0, {})
+    deployment = Deployment(None, None, None, role, role, start_timeout=120)
+    for node in ("client0", "averaging"):
+        deployment.start(node, "client", {}, None)
+    deployment.wait_started()
+    assert len(fdjax_actors()) == 2
+    real_kill, timers = ray.kill, []
+
+    def late_kill(actor, **kwargs):
+        timers.append(threading.Timer(0.5, real_kill, (actor,), kwargs))
+        timers[-1].start()
+
+    monkeypatch.setattr(ray, "kill", late_kill)
+    deployment.close()
+    assert len(timers) == 2 and fdjax_actors() == []
+
+
 def kill_client_once(index: int):
     """An ``on_row`` hook that kills client ``index``'s actor (``ray.kill``) at the run's first
     evaluation, when the clients have just been served their first model; returns the hook and
