@@ -31,6 +31,11 @@ start) and ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (and its newer name ``XLA_CLIENT_M
 capped at ``ray.gpu_memory_fraction``, by default 90% of the actor's GPU share, so actors
 sharing a GPU (``server_gpus = 0.5`` puts both servers on one) fit beside each other.
 
+**Clusters with a token.** A cluster started with ``RAY_AUTH_MODE=token`` (as the README's
+steps start one: otherwise anyone who reaches the head's ports can run code on it) refuses a
+driver without its token; ``session`` turns Ray's refusal, a traceback of its retries, into a
+one-line error that says the cluster requires a token and how to give it.
+
 This is the only module of fdjax that imports ``ray`` (an optional extra: ``pip install
 "fdjax[ray]"``).
 """
@@ -154,7 +159,8 @@ def session(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     and tests may hold their own.
 
     Raises:
-        ValueError: when the cluster cannot be reached, in one line.
+        ValueError: when the cluster cannot be reached, or refuses this driver for want of
+            its token (token authentication, see ``_connect_error``), in one line.
     """
     if ray.is_initialized():
         yield
@@ -166,14 +172,47 @@ def session(address: str | None, num_cpus: int | None = None, num_gpus: int | No
                      logging_level=logging.WARNING)
         else:
             ray.init(address=address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        where = f"ray.address {address!r}" if address is not None else "a local Ray instance"
-        raise ValueError(f"cannot start or reach {where}: {' '.join(str(err).split())}"
-                         ) from None
+    # AuthenticationError (Ray >= 2.52) is a RayError; older Rays have no such class
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as err:
+        raise ValueError(_connect_error(address, err)) from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+#: What Ray's refusal of a driver without the cluster's token says: ``ray.init`` raises
+#: ``AuthenticationError`` itself (token mode here, no token found) or a ``ConnectionError``
+#: wrapping the GCS's ``Unauthenticated: ... InvalidAuthToken`` (no token or a wrong one sent).
+TOKEN_REFUSAL_MARKS = ("AuthenticationError", "InvalidAuthToken", "Unauthenticated")
+
+
+def _connect_error(address: str | None, err: BaseException) -> str:
+    """The one-line reason ``ray.init`` failed; a refusal for want of the cluster's token says
+    so and how to give the token (Ray's own text is a traceback of its retries)."""
+    where = f"ray.address {address!r}" if address is not None else "a local Ray instance"
+    if not _refused_for_token(err):
+        return f"cannot start or reach {where}: {' '.join(str(err).split())}"
+    if "no authentication token was found" in str(err):  # ray.init stopped before asking
+        why = "RAY_AUTH_MODE=token here, but no token was found"
+    elif (os.environ.get("RAY_AUTH_MODE") or "").lower() == "token":
+        why = "it refused this driver's token (RAY_AUTH_MODE=token here): not the cluster's"
+    else:
+        why = "it refused this driver, which sent none (RAY_AUTH_MODE is not token here)"
+    return (f"{where}: the Ray cluster requires a token; {why}. Set RAY_AUTH_MODE=token and "
+            f"give the cluster's token (`ray get-auth-token` on its head prints it) as "
+            f"RAY_AUTH_TOKEN, in the file RAY_AUTH_TOKEN_PATH names, or in ~/.ray/auth_token")
+
+
+def _refused_for_token(err: BaseException | None) -> bool:
+    """Whether ``err``, or an error it was raised from, is Ray's token refusal."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if any(mark in f"{type(err).__name__}: {err}" for mark in TOKEN_REFUSAL_MARKS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _check_reachable(address: str | None, seconds: float = 10.0) -> None:
