@@ -3,7 +3,10 @@
 ``fdjax info`` prints the version, JAX's backend and devices and the compiled-epoch driver in use.
 ``fdjax train`` trains one model of the CNN family on one dataset (the embedded offline digits by
 default): a quick check that the compiled core learns on this machine, with a progress bar.
-``fdjax run --resume DIR`` continues a killed run from its newest usable checkpoint.
+``fdjax run --resume DIR`` continues a killed run from its newest usable checkpoint, and
+``fdjax compare --resume DIR`` a killed comparison (keeping its finished runs). A directory that
+another fdjax process is writing, or that already holds a run or comparison (without
+``--overwrite``), is refused with nothing touched.
 ``fdjax run`` and ``fdjax compare`` take ``--backend ray [--address ADDR]``: every node's
 computation in a Ray actor, on a local Ray instance fdjax starts or on the cluster at ADDR.
 Bad input is reported as one line on stderr with exit status 2, never as a traceback.
@@ -113,18 +116,24 @@ class _Progress:
         self.bar.close()
 
 
+def _refuse_with_resume(args: argparse.Namespace, flags: tuple[str, ...], where: str) -> None:
+    """A resumed run or comparison takes every setting from its directory; no flag may add one.
+    """
+    given = [flag for flag in flags
+             if getattr(args, flag[2:].replace("-", "_"), None) not in (None, False, [])]
+    if given:
+        raise ValueError(f"--resume continues with the settings in {where}; drop "
+                         f"{', '.join(given)}")
+
+
+_CONFIG_FLAGS = ("--config", "--set", "--out", "--backend", "--address", "--overwrite")
+
+
 def _run(args: argparse.Namespace) -> int:
     from fdjax.experiment import run
 
     if args.resume is not None:
-        given = [flag for flag, value in (("--config", args.config), ("--set", args.set),
-                                          ("--method", args.method), ("--out", args.out),
-                                          ("--backend", args.backend),
-                                          ("--address", args.address))
-                 if value]
-        if given:
-            raise ValueError(f"--resume continues a run with the config in DIR/config.toml; "
-                             f"drop {', '.join(given)}")
+        _refuse_with_resume(args, _CONFIG_FLAGS + ("--method",), "DIR/config.toml")
         from pathlib import Path
 
         from fdjax.config import load_config
@@ -138,7 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         config = _load(args)
     progress = _Progress(config.stop.time_budget, config.method)
     try:
-        result = run(config, out, on_row=progress, resume=args.resume is not None)
+        result = run(config, out, on_row=progress, resume=args.resume is not None,
+                     overwrite=args.overwrite)
     finally:
         progress.close()
     for resume in result.resumes[-1:] if args.resume is not None else []:
@@ -152,32 +162,55 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from fdjax.experiment import compare
+def _compare_settings(args: argparse.Namespace) -> tuple[dict, str]:
+    """``compare``'s arguments and the output directory: from the flags, or with ``--resume``
+    from what the comparison recorded in ``DIR/compare.json``."""
+    from fdjax.experiment import recorded_comparison
     from fdjax.methods import PAPER_METHODS
 
-    config = _load(args)
+    if args.resume is not None:
+        _refuse_with_resume(args, _CONFIG_FLAGS + ("--methods", "--seeds", "--target"),
+                            "DIR/compare.json")
+        return recorded_comparison(args.resume), args.resume
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(
         PAPER_METHODS)
+    return {"config": _load(args), "methods": methods,
+            "seeds": 1 if args.seeds is None else args.seeds, "target": args.target}, (
+        args.out or "runs/compare")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fdjax.experiment import compare
+
+    settings, out = _compare_settings(args)
     progress = _Progress(None, "compare")
     try:
-        comparison = compare(config, methods, args.seeds, args.out, target=args.target,
+        comparison = compare(**settings, out_dir=out, overwrite=args.overwrite,
+                             resume=args.resume is not None,
                              on_row=lambda row: progress.bar.set_postfix(
                                  method=row["method"], seed=row["seed"], t=f"{row['time']:.0f}",
                                  acc=f"{row['global_accuracy']:.3f}", refresh=True))
     finally:
         progress.close()
+    if args.resume is not None:
+        print("resumed comparison: " + ", ".join(
+            f"{method}/seed{settings['config'].seed + k} {origin}"
+            for method, origins in comparison.origins.items()
+            for k, origin in enumerate(origins)))
     print(comparison.table())
-    print(f"written to {args.out}: figure.png, table.md, results.json")
+    print(f"written to {out}: figure.png, table.md, results.json")
     return 0
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_out: str | None) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--config", default=None, help="TOML config file (default: built-in)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set clients.count=5 (repeatable)")
-    parser.add_argument("--out", default=default_out,
-                        help=f"output directory ({default_out or 'runs/run'})")
+    parser.add_argument("--out", default=None,
+                        help=f"output directory (default {default_out})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what the output directory already holds (without it, "
+                             "a directory holding a previous one is refused)")
     parser.add_argument("--backend", default=None, choices=("inprocess", "ray"),
                         help="where nodes run: inprocess (default) or ray (each node's "
                              "computation in a Ray actor, on the real clock; pip install "
@@ -192,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, JAX backend and devices").set_defaults(fn=_info)
     run = sub.add_parser("run", help="run one method")
-    _add_config_args(run, None)
+    _add_config_args(run, "runs/run")
     run.add_argument("--method", default=None, help="method name (overrides the config)")
     run.add_argument("--resume", default=None, metavar="DIR",
                      help="continue the killed run in DIR from its newest usable checkpoint")
@@ -201,10 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(compare, "runs/compare")
     compare.add_argument("--methods", default=None,
                          help="comma-separated methods (default: the paper's four)")
-    compare.add_argument("--seeds", type=int, default=1)
+    compare.add_argument("--seeds", type=int, default=None, help="seeds per method (default 1)")
     compare.add_argument("--target", type=float, default=None,
                          help="accuracy the table times (default: stop.target_accuracy, else "
                               "0.6); unlike stop.target_accuracy it does not stop the runs")
+    compare.add_argument("--resume", default=None, metavar="DIR",
+                         help="continue the killed comparison in DIR with the settings it "
+                              "recorded: finished runs kept, the interrupted one resumed from "
+                              "its checkpoint, the rest run")
     compare.set_defaults(fn=_compare)
     train = sub.add_parser("train", help="train one model on one dataset (a quick check)")
     train.add_argument("--source", default="embedded",

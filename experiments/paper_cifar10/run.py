@@ -104,7 +104,8 @@ def run_studies(args) -> None:
                         bar.update(min(row["time"], budget) - bar.n)
                         bar.set_postfix_str(f"global {row['global_accuracy']:.3f} "
                                             f"small {row['small_accuracy'] or 0:.3f}")
-                    result = run(variant, run_dir, data=data, on_row=on_row)
+                    # an unfinished run left by a kill is run again from the start
+                    result = run(variant, run_dir, data=data, on_row=on_row, overwrite=True)
                 (run_dir / "running.pid").unlink()
                 print(f"{partition} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s "
                       f"wall, {result.summary(TARGET)}", flush=True)

@@ -78,7 +78,7 @@ def main() -> None:
             config = load_config(HERE / "config.toml", overrides)
             target = config.stop.target_accuracy
             start = time.perf_counter()
-            result = run(config, out / method / backend)
+            result = run(config, out / method / backend, overwrite=True)  # a rerun replaces
             wall = time.perf_counter() - start
             last = result.rows[-1]
             results["runs"][f"{method}/{backend}"] = {
