@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 
 from fdjax import report
+from fdjax.checkpoint import CheckpointError
 from fdjax.config import Config, config_to_toml, parse_resources
 from fdjax.core import OptimizerSettings, make_model, make_optimizer
 from fdjax.data import DataError, load_splits, split_federated
@@ -34,8 +37,10 @@ from fdjax.runtime.faults import FaultyClient
 from fdjax.runtime.nodes import (AveragingServer, Client, Context, DistillationServer, LeadGate,
                                  Observer, supervise)
 from fdjax.runtime.sampling import ClientSampler
-from fdjax.rundir import RunDirectory
+from fdjax.rundir import ComparisonDirectory, RunDirectory, write_atomic
 from fdjax.runstate import RunState
+
+_logger = logging.getLogger("fdjax")
 
 
 @dataclasses.dataclass
@@ -49,8 +54,10 @@ class Run:
         nodes: per node: role, busy and idle seconds, messages and bytes sent.
         staleness: for each reverse-distillation chunk, how many averaging rounds the average
             it used was behind.
-        global_params: final parameters of the global (large) model.
-        small_params: final parameters of the small model (None for ``fedavg-large``).
+        global_params: final parameters of the global (large) model (None when read back by
+            ``load_run``: they are in ``global_params.npz``).
+        small_params: final parameters of the small model (None for ``fedavg-large``, and when
+            read back by ``load_run``).
         events: the node event log (start and end of training, rounds, distillation chunks).
         devices: per device, the (start, end, node) interval of every computation it ran.
         timing: wall seconds of the whole run (``wall_seconds``), of the compiled compute it
@@ -149,8 +156,13 @@ def prepare_data(config: Config):
 
 
 def run(config: Config, out_dir: str | Path | None = None, *, data=None,
-        on_row: Callable[[dict], None] | None = None, resume: bool = False) -> Run:
+        on_row: Callable[[dict], None] | None = None, resume: bool = False,
+        overwrite: bool = False) -> Run:
     """Runs ``config.method`` once and returns its ``Run`` (and writes it to ``out_dir``).
+
+    While it writes ``out_dir`` the run holds that directory's lock (see
+    ``fdjax.rundir.DirectoryLock``), taken before anything there is cleared or written, so a
+    second run or resume on the same directory is refused with it untouched.
 
     Args:
         config: a validated config (see ``fdjax.config``).
@@ -161,27 +173,36 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         on_row: called with each metrics row as it is produced (progress bars).
         resume: continue the killed run in ``out_dir`` from its newest usable checkpoint
             (``config`` must be the one in ``out_dir/config.toml``).
+        overwrite: replace the run that ``out_dir`` already holds. Off by default, so that a
+            finished run's results (hours of compute, perhaps) are never lost to a rerun by
+            accident; a directory that holds a run (``config.toml`` or ``metrics.jsonl``) is
+            then refused.
 
     With ``config.backend = "ray"`` each node's computation runs in a Ray actor (see
     ``fdjax.runtime.ray_backend``); the outputs are the same.
 
     Raises:
-        ValueError: for a bad output directory, a missing or unreadable dataset, or (with
+        ValueError: for a bad output directory, one that another process is writing, one that
+            holds a run without ``overwrite``, a missing or unreadable dataset, or (with
             ``resume``) no usable checkpoint; nothing is written to ``out_dir`` before the data
             has loaded. With the Ray backend also when Ray is not installed, cannot be
             reached or cannot place the actors.
     """
     method = get_method(config.method)
-    rundir = _open_run_dir(out_dir, config, resume)
-    deployment = _deployment(config)
-    splits, fed = data if data is not None else prepare_data(config)
-    if deployment is None:
-        return _run(config, method, rundir, splits, fed, on_row, resume, None)
+    rundir = _open_run_dir(out_dir, config, resume, overwrite)
     try:
-        deployment.open()
-        return _run(config, method, rundir, splits, fed, on_row, resume, deployment)
+        deployment = _deployment(config)
+        splits, fed = data if data is not None else prepare_data(config)
+        if deployment is None:
+            return _run(config, method, rundir, splits, fed, on_row, resume, None)
+        try:
+            deployment.open()
+            return _run(config, method, rundir, splits, fed, on_row, resume, deployment)
+        finally:
+            deployment.close()
     finally:
-        deployment.close()
+        if rundir is not None:
+            rundir.close()
 
 
 def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fed,
@@ -459,21 +480,16 @@ def _ray_session(config: Config):
                                   deployment.num_gpus)
 
 
-def _open_run_dir(out_dir: str | Path | None, config: Config, resume: bool
-                  ) -> RunDirectory | None:
-    """The run directory, checked but not yet written to."""
+def _open_run_dir(out_dir: str | Path | None, config: Config, resume: bool,
+                  overwrite: bool = False) -> RunDirectory | None:
+    """The run directory, locked for this process and checked, but not yet written to (see
+    ``RunDirectory.open``); the caller closes it."""
     if out_dir is None:
         if resume:
             raise ValueError("resume needs the run directory of the run to continue")
         return None
     rundir = RunDirectory(out_dir, config.checkpoint.keep)
-    if resume:
-        if not (rundir.path / "config.toml").is_file():
-            raise ValueError(f"{str(rundir.path)!r} is not a run directory (no config.toml)")
-        if rundir.finished:
-            raise ValueError(f"the run in {str(rundir.path)!r} has finished (nodes.json is "
-                             f"written); there is nothing to resume")
-        rundir.checkpoints.require_any()
+    rundir.open(resume=resume, overwrite=overwrite)
     return rundir
 
 
@@ -498,14 +514,45 @@ def _write_outputs(result: Run, rundir: RunDirectory, duration: float, faults: d
     rundir.write_nodes(record)
 
 
+def load_run(path: str | Path, config: Config | None = None) -> Run:
+    """A finished run read back from its directory: its rows, nodes and what ``nodes.json``
+    records, without the event log, device intervals and parameters (which stay in
+    ``global_params.npz`` and ``small_params.npz``).
+
+    A resumed comparison keeps its finished runs this way instead of running them again.
+
+    Args:
+        path: a run directory with ``nodes.json`` (a finished run).
+        config: the run's config (default: read from ``path/config.toml``).
+    """
+    path = Path(path)
+    record = json.loads((path / "nodes.json").read_text())
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    if config is None:
+        from fdjax.config import load_config
+
+        config = load_config(path / "config.toml")
+    return Run(config, rows, record["nodes"], record.get("staleness", []), None, None, [], {},
+               record.get("timing", {}), path, rejected=record.get("rejected", []),
+               resumes=record.get("resumes", []), placement=record.get("placement"))
+
+
 @dataclasses.dataclass
 class Comparison:
-    """Several methods (and seeds) run on one config and one data split."""
+    """Several methods (and seeds) run on one config and one data split.
+
+    Attributes:
+        origins: per method, for each seed, how its run came about: ``"run"``; after a resume,
+            ``"kept"`` (it had finished, read back with ``load_run``), ``"resumed"`` (continued
+            from its checkpoint) or ``"restarted"`` (interrupted before a usable checkpoint, so
+            run again from the start).
+    """
 
     config: Config
     runs: dict[str, list[Run]]
     target: float
     reference: str | None = None
+    origins: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def results(self) -> dict:
         per_method = {m: [r.summary(self.target) for r in runs] for m, runs in self.runs.items()}
@@ -519,35 +566,125 @@ class Comparison:
                                     path, target=self.target)
 
 
+def recorded_comparison(out_dir: str | Path) -> dict:
+    """What the comparison in ``out_dir`` was asked for, as ``compare``'s keyword arguments:
+    ``config``, ``methods``, ``seeds`` and ``target``; ``compare(**recorded_comparison(d),
+    out_dir=d, resume=True)`` resumes it.
+
+    Raises:
+        ValueError: ``out_dir`` holds no comparison record, or its config is invalid.
+    """
+    record = ComparisonDirectory(out_dir).read_record()
+    try:
+        config = Config.from_dict(tomllib.loads(record["config"]))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{str(Path(out_dir) / 'compare.json')!r}: invalid config: {err}"
+                         ) from None
+    return {"config": config, "methods": record["methods"], "seeds": record["seeds"],
+            "target": record["target"]}
+
+
 def compare(config: Config, methods: Sequence[str], seeds: int = 1,
             out_dir: str | Path | None = None, target: float | None = None,
-            on_row: Callable[[dict], None] | None = None) -> Comparison:
+            on_row: Callable[[dict], None] | None = None, *, overwrite: bool = False,
+            resume: bool = False) -> Comparison:
     """Runs every method for ``seeds`` seeds (config.seed, config.seed + 1, ...).
 
     All methods of one seed share one data split. ``target`` is the accuracy whose time the
-    table reports (default ``config.stop.target_accuracy``, else 0.6). With ``out_dir``, each run goes to
-    ``out_dir/<method>/seed<k>/`` and the comparison writes ``figure.png``, ``table.md`` and
-    ``results.json``.
+    table reports (default ``config.stop.target_accuracy``, else 0.6). With ``out_dir``, the
+    comparison holds that directory's lock, records what it was asked for in
+    ``compare.json``, runs each method into ``out_dir/<method>/seed<k>/`` and writes
+    ``figure.png``, ``table.md`` and ``results.json`` (last).
+
+    Args:
+        overwrite: replace the comparison ``out_dir`` holds (off by default, as for ``run``).
+        resume: continue the killed comparison in ``out_dir`` (the other arguments must be
+            those it recorded: see ``recorded_comparison``). Its finished runs are kept, the
+            interrupted one resumes from its newest usable checkpoint (or starts again without
+            one), and the rest run.
+
+    Raises:
+        ValueError: for an unknown method, ``seeds`` < 1, and the ``run`` errors; with
+            ``out_dir``, also when another process writes it, it holds a comparison and
+            neither ``overwrite`` nor ``resume`` is given, or (``resume``) it holds no
+            comparison, a finished one, or one with other settings.
     """
     for name in methods:
         get_method(name)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    out = Path(out_dir) if out_dir is not None else None
+    if out_dir is None and resume:
+        raise ValueError("resume needs the directory of the comparison to continue")
+    record = ComparisonDirectory.record(config_to_toml(config), list(methods), seeds, target)
+    cdir = ComparisonDirectory(out_dir) if out_dir is not None else None
+    if cdir is not None:
+        cdir.open(record, resume=resume, overwrite=overwrite)
+    try:
+        with _ray_session(config):  # one Ray instance for every run of the comparison
+            runs, origins = _compare_runs(config, methods, seeds, cdir, record, on_row, resume)
+        comparison = Comparison(config, runs, report_target(config, target),
+                                "sync-fwd" if "sync-fwd" in methods else None, origins)
+        if cdir is not None:
+            _write_comparison(comparison, cdir)
+        return comparison
+    finally:
+        if cdir is not None:
+            cdir.close()
+
+
+def _compare_runs(config: Config, methods: Sequence[str], seeds: int,
+                  cdir: ComparisonDirectory | None, record: dict,
+                  on_row: Callable[[dict], None] | None, resume: bool
+                  ) -> tuple[dict[str, list[Run]], dict[str, list[str]]]:
+    """Every run of a comparison, and how each came about (``Comparison.origins``).
+
+    A seed's data split is loaded only when one of its runs has to run. A fresh comparison
+    loads the first one before it writes anything, so bad data leaves ``out_dir`` untouched.
+    """
     runs: dict[str, list[Run]] = {m: [] for m in methods}
-    with _ray_session(config):  # one Ray instance for every run of the comparison
-        for k in range(seeds):
-            seeded = config.replace(seed=config.seed + k)
-            data = prepare_data(seeded)
-            for name in methods:
-                cfg = seeded.replace(method=name)
-                run_dir = out / name / f"seed{cfg.seed}" if out is not None else None
-                runs[name].append(run(cfg, run_dir, data=data, on_row=on_row))
-    target = report_target(config, target)
-    reference = "sync-fwd" if "sync-fwd" in methods else None
-    comparison = Comparison(config, runs, target, reference)
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(comparison.results(), indent=1))
-        (out / "table.md").write_text(comparison.table())
-        comparison.figure(out / "figure.png")
-    return comparison
+    origins: dict[str, list[str]] = {m: [] for m in methods}
+    for k in range(seeds):
+        seeded = config.replace(seed=config.seed + k)
+        data = functools.cache(functools.partial(prepare_data, seeded))
+        if k == 0 and cdir is not None and not resume:
+            data()
+            cdir.start(record)
+        for name in methods:
+            cfg = seeded.replace(method=name)
+            if cdir is None:
+                result, origin = run(cfg, data=data(), on_row=on_row), "run"
+            else:
+                result, origin = _compare_one(cfg, cdir.run_dir(name, cfg.seed), data, on_row,
+                                              resume)
+            runs[name].append(result)
+            origins[name].append(origin)
+    return runs, origins
+
+
+def _compare_one(config: Config, run_dir: Path, data: Callable[[], Any],
+                 on_row: Callable[[dict], None] | None, resume: bool) -> tuple[Run, str]:
+    """One run of a comparison written to ``run_dir``, and how it came about.
+
+    The comparison already decided (and holds the lock on) what may be replaced, so a run that
+    is not kept or resumed overwrites whatever its directory holds.
+    """
+    if resume and (run_dir / "nodes.json").exists():
+        return load_run(run_dir, config), "kept"
+    if resume and (run_dir / "config.toml").is_file():
+        try:
+            return run(config, run_dir, data=data(), on_row=on_row, resume=True), "resumed"
+        except CheckpointError as err:
+            _logger.warning("compare: %s/seed%d starts again: %s", config.method, config.seed,
+                            err)
+        return run(config, run_dir, data=data(), on_row=on_row, overwrite=True), "restarted"
+    return run(config, run_dir, data=data(), on_row=on_row, overwrite=True), "run"
+
+
+def _write_comparison(comparison: Comparison, cdir: ComparisonDirectory) -> None:
+    """Writes the figure, the table, then ``results.json``, which marks the comparison
+    finished; each through a temporary file and a rename."""
+    tmp = cdir.path / ".figure.tmp.png"
+    comparison.figure(tmp)
+    tmp.replace(cdir.path / "figure.png")
+    write_atomic(cdir.path / "table.md", comparison.table())
+    write_atomic(cdir.path / "results.json", json.dumps(comparison.results(), indent=1))
