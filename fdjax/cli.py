@@ -263,12 +263,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Number flags and the range each must lie in (argparse reads "inf" and "nan" as floats).
+_NUMBER_FLAGS = {"target": ("--target", 0.0, 1.0), "width": ("--width", 0.0, None),
+                 "learning_rate": ("--learning-rate", 0.0, None)}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """One-line errors for a number flag that is not finite or not in its range."""
+    import math
+
+    for name, (flag, low, high) in _NUMBER_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"{flag}: must be a finite number, got {value}")
+        if not value > low or (high is not None and value > high):
+            where = f"in ({low:g}, {high:g}]" if high is not None else f"> {low:g}"
+            raise ValueError(f"{flag}: must be {where}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "epochs", 1) < 1:
         print("fdjax: error: --epochs must be >= 1", file=sys.stderr)
         return USAGE_ERROR
     try:
+        _check_numbers(args)
         return args.fn(args)
     except (ValueError, OSError) as err:  # bad input, missing or unreadable files
         message = " ".join(str(err).split())  # always one line

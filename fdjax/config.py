@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tomllib
 import types
@@ -46,11 +47,16 @@ def _one_of(*options: str) -> Callable[[Any], str | None]:
 
 
 def _f(default: Any = None, check: Callable[[Any], str | None] | None = None, *,
-       factory: Callable[[], Any] | None = None) -> Any:
-    """A dataclass field whose value check lives in its metadata."""
+       factory: Callable[[], Any] | None = None, infinite: bool = False) -> Any:
+    """A dataclass field whose value check lives in its metadata.
+
+    Numbers must be finite unless ``infinite`` (then ``inf``, never ``nan``, is a meaningful
+    value of the field, such as an unlimited bandwidth).
+    """
+    metadata = {"check": check, "infinite": infinite}
     if factory is not None:
-        return field(default_factory=factory, metadata={"check": check})
-    return field(default=default, metadata={"check": check})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 _OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
@@ -69,7 +75,7 @@ class _Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             key, value = self._key(f.name), getattr(self, f.name)
-            value = _coerce(key, value, hints[f.name])
+            value = _coerce(key, value, hints[f.name], f.metadata.get("infinite", False))
             object.__setattr__(self, f.name, value)
             check = f.metadata.get("check")
             if check is None or value is None or isinstance(value, _Section):
@@ -83,10 +89,12 @@ class _Section:
         """Cross-field checks; sections override this."""
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def _coerce(key: str, value: Any, hint: Any, infinite: bool = False) -> Any:
     """Check ``value`` against a field's type; ints become floats where floats are expected.
 
-    A bool is rejected as a number because TOML ``true`` in a count is always a mistake.
+    A bool is rejected as a number because TOML ``true`` in a count is always a mistake, and
+    ``nan`` or ``inf`` (which TOML and ``--set`` both read as floats) where a finite number is
+    meant: ``learning_rate = inf`` would run, and train to chance.
     """
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
@@ -102,8 +110,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         item = typing.get_args(hint)[0]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected list of {item.__name__}, got {value!r}")
-        return [_coerce(key, v, item) for v in value]
+        return [_coerce(key, v, item, infinite) for v in value]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value) or (math.isinf(value) and not (infinite and value > 0)):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -128,7 +138,10 @@ class DataConfig(_Section):
     # "train[45000:47000]" with data.limit = 45000) is a validation set for tuning settings
     # without looking at the test split.
     test_split: str = _f("test")
-    partition: str = _f("iid", _one_of("iid", "dirichlet", "shards"))
+    # "dirichlet": each class split over the clients by Dirichlet(alpha) shares (Yurochkin et
+    # al. 2019, flwr-datasets' recipe); "dirichlet_client": each client's label mix drawn from
+    # Dirichlet(alpha * overall mix), equal sizes (Hsu et al. 2019; more skewed for one alpha).
+    partition: str = _f("iid", _one_of("iid", "dirichlet", "dirichlet_client", "shards"))
     alpha: float = _f(0.5, _gt(0))
     shards_per_client: int = _f(2, _ge(1))
     proxy_size: int = _f(300, _ge(1))
@@ -246,6 +259,10 @@ class DistillConfig(_Section):
     learning_rate: float = _f(1e-3, _gt(0))
     mix_alpha: float = _f(0.5, _within(0, 1))
     staleness: str = _f("polynomial", _one_of("constant", "polynomial", "hinge"))
+    # The staleness function's parameters (Xie et al. 2019): polynomial (1 + s)^-a; hinge 1 up
+    # to staleness b, then 1 / (a (s - b) + 1).
+    staleness_a: float = _f(0.5, _gt(0))
+    staleness_b: float = _f(4.0, _ge(0))
 
 
 @dataclass(frozen=True)
@@ -264,7 +281,7 @@ class CostConfig(_Section):
     large_client_seconds_per_example: float | None = _f(None, _ge(0))  # fedavg-large clients
     forward_seconds_per_example: float | None = _f(None, _ge(0))  # forward distillation
     latency: float = _f(0.01, _ge(0))
-    bandwidth: float = _f(1.0e8, _gt(0))
+    bandwidth: float = _f(1.0e8, _gt(0), infinite=True)  # inf: messages cost only latency
 
 
 @dataclass(frozen=True)
@@ -294,10 +311,18 @@ class AggregationConfig(_Section):
     """
 
     _section: ClassVar[str] = "aggregation"
-    rule: str = _f("fedavg", _one_of("fedavg", "median", "trimmed_mean"))
+    rule: str = _f("fedavg", _one_of("fedavg", "median", "trimmed_mean", "krum", "multi_krum"))
     trim_fraction: float = _f(0.1, lambda v: None if 0 <= v < 0.5
                               else f"must be in [0, 0.5), got {v!r}")
+    # Krum and Multi-Krum (Blanchard et al. 2017): the Byzantine clients f they withstand (their
+    # guarantee needs more than 2f + 2 clients per round), and the m best-scored clients
+    # Multi-Krum averages by examples (unset: the clients of the round minus f).
+    num_byzantine: int = _f(1, _ge(0))
+    multi_krum_keep: int | None = _f(None, _ge(1))
     max_delta_norm: float | None = _f(None, _gt(0))
+    # Scale each update's change from the server's model down to this L2 norm (instead of
+    # rejecting it, as max_delta_norm does); applied before the rule.
+    clip_norm: float | None = _f(None, _gt(0))
     round_timeout: float | None = _f(None, _gt(0))
     quorum: int = _f(1, _ge(1))
 
@@ -483,6 +508,15 @@ class Config(_Section):
             if fault.client >= count:
                 raise ConfigError(f"faults.clients: client {fault.client} does not exist "
                                   f"(clients.count is {count})")
+        a, per_round = self.aggregation, self.clients.per_round
+        if a.rule in ("krum", "multi_krum") and per_round <= 2 * a.num_byzantine + 2:
+            raise ConfigError(f"aggregation.num_byzantine: Krum withstands f Byzantine clients "
+                              f"only with more than 2f + 2 per round; {per_round} clients per "
+                              f"round allow f <= {max(0, (per_round - 3) // 2)}, got "
+                              f"{a.num_byzantine}")
+        if a.multi_krum_keep is not None and a.multi_krum_keep > per_round:
+            raise ConfigError(f"aggregation.multi_krum_keep: must be at most the clients "
+                              f"sampled per round ({per_round}), got {a.multi_krum_keep}")
         if self.aggregation.quorum > self.clients.per_round:
             raise ConfigError(f"aggregation.quorum: must be <= the clients sampled per round "
                               f"({self.clients.per_round}), got {self.aggregation.quorum}")

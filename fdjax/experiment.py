@@ -25,7 +25,7 @@ import numpy as np
 from fdjax import report
 from fdjax.checkpoint import CheckpointError
 from fdjax.config import Config, config_to_toml, parse_resources
-from fdjax.core import OptimizerSettings, make_model, make_optimizer
+from fdjax.core import AggregationRule, OptimizerSettings, make_model, make_optimizer
 from fdjax.data import DataError, load_splits, split_federated
 from fdjax.methods import Method, get_method
 from fdjax.runtime.channels import Mailbox, Network, Register
@@ -97,6 +97,13 @@ def report_target(config: Config, target: float | None = None) -> float:
     """The accuracy whose time reports give: ``target``, else the config's, else 0.6 (the
     paper's)."""
     return target or config.stop.target_accuracy or 0.6
+
+
+def aggregation_rule(config: Config) -> AggregationRule:
+    """The averaging server's rule and its settings, from ``[aggregation]``."""
+    a = config.aggregation
+    return AggregationRule(a.rule, a.trim_fraction, a.num_byzantine, a.multi_krum_keep,
+                           a.clip_norm)
 
 
 def _optimizer(name: str, learning_rate: float):
@@ -248,7 +255,8 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
         ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
         to_server, server_cost, published, wait_for_distiller=method.waits_for_distiller,
         mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
-        staleness=config.distill.staleness, rule=a.rule, trim_fraction=a.trim_fraction,
+        staleness=config.distill.staleness, staleness_a=config.distill.staleness_a,
+        staleness_b=config.distill.staleness_b, rule=aggregation_rule(config),
         max_delta_norm=a.max_delta_norm, round_timeout=a.round_timeout, quorum=a.quorum,
         accept_late=not method.waits_for_distiller,
         sample=(ClientSampler(config.clients.count, config.clients.per_round, config.seed)

@@ -33,6 +33,11 @@ def test_train_on_the_embedded_default_learns(capsys):
     (["train", "--source", "tfds", "--data-dir", "/nonexistent/tfds"], "does not exist"),
     (["train", "--optimizer", "lion"], "unknown optimizer"),
     (["train", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train", "--learning-rate", "inf"], "--learning-rate: must be a finite number, got inf"),
+    (["train", "--width", "nan"], "--width: must be a finite number"),
+    (["train", "--width", "0"], "--width: must be > 0"),
+    (["compare", "--target", "nan"], "--target: must be a finite number"),
+    (["compare", "--target", "1.5"], "--target: must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(capsys, argv, message):
     assert main(argv) == 2

@@ -45,7 +45,7 @@ def test_toml_roundtrip_defaults_and_changed():
 
 @settings(max_examples=60, deadline=None)
 @given(lr=st.floats(min_value=1e-12, max_value=1e6, allow_nan=False),
-       temperature=st.floats(min_value=1e-9, allow_nan=False),
+       temperature=st.floats(min_value=1e-9, allow_nan=False, allow_infinity=False),
        latency=st.floats(min_value=0.0, max_value=1e9),
        seed=st.integers(min_value=0, max_value=2**62),
        speeds=st.lists(st.floats(min_value=1e-6, max_value=1e6), min_size=1, max_size=1)
@@ -133,7 +133,22 @@ def test_unknown_or_malformed(d, key):
     ("stop.max_rounds=0", "stop.max_rounds", "must be >= 1"),
     ("clients.speeds=[1.0, -1.0, 1.0]", "clients.speeds", "must be > 0"),
     ("cost.latency=-1", "cost.latency", "must be >= 0"),
-    ("cost.bandwidth=nan", "cost.bandwidth", "must be > 0"),
+    ("cost.bandwidth=nan", "cost.bandwidth", "must be a finite number, got nan"),
+    ("cost.bandwidth=-inf", "cost.bandwidth", "must be a finite number"),
+    ("clients.learning_rate=inf", "clients.learning_rate", "must be a finite number, got inf"),
+    ("distill.temperature=nan", "distill.temperature", "must be a finite number"),
+    ("clients.speeds=[1.0, inf, 1.0]", "clients.speeds", "must be a finite number"),
+    ("cost.latency=inf", "cost.latency", "must be a finite number"),
+    ("stop.time_budget=inf", "stop.time_budget", "must be a finite number"),
+    ("aggregation.clip_norm=inf", "aggregation.clip_norm", "must be a finite number"),
+    ("aggregation.clip_norm=0", "aggregation.clip_norm", "must be > 0"),
+    ("distill.staleness_a=0", "distill.staleness_a", "must be > 0"),
+    ("distill.staleness_b=-1", "distill.staleness_b", "must be >= 0"),
+    ("distill.staleness_a=nan", "distill.staleness_a", "must be a finite number"),
+    ("aggregation.rule=krum", "aggregation.num_byzantine", "more than 2f + 2"),
+    ("aggregation.num_byzantine=-1", "aggregation.num_byzantine", "must be >= 0"),
+    ("aggregation.multi_krum_keep=4", "aggregation.multi_krum_keep", "at most the clients"),
+    ("data.partition=hsu", "data.partition", "must be one of"),
     ("method=fedprox", "method", "must be one of"),
     ("clock=wall", "clock", "must be one of"),
     ("models.global_preset=cnn3", "models.global_preset", "must be one of"),
@@ -222,6 +237,25 @@ def test_bad_values_in_file_name_the_key(tmp_path):
         load_config(path)
     # An override applied after the file can fix a bad file value.
     assert load_config(path, ["clients.count=3"]).clients.count == 3
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[clients]\nlearning_rate = inf\n", "clients.learning_rate"),
+    ("[distill]\ntemperature = nan\n", "distill.temperature"),
+    ("[clients]\ncount = 3\nspeeds = [0.5, -inf, 1.0]\n", "clients.speeds"),
+    ("[cost]\nbandwidth = nan\n", "cost.bandwidth"),
+])
+def test_non_finite_numbers_in_a_file_name_the_key(tmp_path, text, key):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{key}: must be a finite number")
+    assert "\n" not in str(info.value)
+
+
+def test_an_unlimited_bandwidth_is_the_one_infinity_allowed():
+    assert load_config(overrides=["cost.bandwidth=inf"]).cost.bandwidth == float("inf")
 
 
 def test_every_recorded_experiment_config_loads():

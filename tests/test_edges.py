@@ -53,7 +53,9 @@ def one_line_error(capsys, argv, message):
 
 @pytest.mark.parametrize("settings, message", [
     (["aggregation.quorum=9"], "aggregation.quorum: must be <= clients.count (3), got 9"),
-    (["aggregation.rule=krum"], "aggregation.rule: must be one of"),
+    (["aggregation.rule=bulyan"], "aggregation.rule: must be one of"),
+    (["clients.learning_rate=inf"], "clients.learning_rate: must be a finite number, got inf"),
+    (["aggregation.rule=krum", "aggregation.num_byzantine=1"], "more than 2f + 2"),
     (["aggregation.trim_fraction=0.5"], "aggregation.trim_fraction: must be in [0, 0.5)"),
     (["aggregation.round_timeout=0"], "aggregation.round_timeout: must be > 0"),
     (["aggregation.max_delta_norm=big"], "aggregation.max_delta_norm: expected float"),

@@ -3,8 +3,9 @@
 Every function here is pure and un-jitted; ``fdjax.runtime.compiled`` jits them once per node.
 """
 
-from fdjax.core.aggregation import (AGGREGATION_RULES, StreamingAverage, aggregate,
-                                    check_weights, coordinate_median, fedavg, mix, stack_trees,
+from fdjax.core.aggregation import (AGGREGATION_RULES, AggregationRule, StreamingAverage,
+                                    aggregate, check_weights, clip_update, coordinate_median,
+                                    fedavg, mix, stack_trees,
                                     staleness_mix, staleness_weight, streaming_add,
                                     streaming_init, streaming_result, trimmed_mean,
                                     validate_update)
@@ -15,8 +16,9 @@ from fdjax.core.training import (OptimizerSettings, TrainState, init_train_state
                                  summarize, train_step)
 
 __all__ = [
-    "AGGREGATION_RULES", "CNN", "PRESETS", "Model", "OptimizerSettings", "StreamingAverage",
-    "TrainState", "aggregate", "check_weights", "coordinate_median", "count_params", "distill_step", "distillation_loss", "evaluate", "fedavg",
+    "AGGREGATION_RULES", "AggregationRule", "CNN", "PRESETS", "Model", "OptimizerSettings",
+    "StreamingAverage", "TrainState", "aggregate", "check_weights", "clip_update",
+    "coordinate_median", "count_params", "distill_step", "distillation_loss", "evaluate", "fedavg",
     "init_train_state", "kl_divergence", "make_model", "make_optimizer", "mix", "stack_trees",
     "staleness_mix", "staleness_weight", "streaming_add", "streaming_init", "streaming_result",
     "summarize", "train_step", "trimmed_mean", "validate_update",

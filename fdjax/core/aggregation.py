@@ -1,16 +1,18 @@
-"""Aggregation of client models: FedAvg (batch and streaming), robust rules, staleness mixing,
-and validation.
+"""Aggregation of client models: FedAvg (batch and streaming), the robust rules, update clipping,
+staleness mixing and validation.
 
 FedAvg works on *stacked* trees, whose leaves carry a leading client axis, so the same code serves a
-handful of clients or a ``vmap``-ed cohort. Weights are example counts (or any non-negative numbers)
-and need not sum to one. The robust rules (coordinate-wise median, trimmed mean) work on the same
-stacked trees and bound how far one bad client can move the result; ``aggregate`` picks a rule by
-name.
+handful of clients or a ``vmap``-ed cohort. Weights are example counts (or any non-negative numbers
+that fit float32) and need not sum to one. The robust rules (``fdjax.core.robust``: coordinate-wise
+median, trimmed mean, Krum, Multi-Krum) work on the same stacked trees and bound how far a few bad
+clients can move the result; ``aggregate`` picks a rule by name (an ``AggregationRule``), after
+clipping each update's change to ``clip_norm`` if asked.
 
-Averages are computed around an anchor, the first client's model:
-``x_0 + sum_i w_i (x_i - x_0) / sum_i w_i``. Client models in a round are close to one another, so
-the differences are small and the sum loses less precision than ``sum_i w_i x_i``; and a round in
-which every client returns the same model gives that model back bit for bit.
+Averages are carried in double-float arithmetic (``fdjax.core.compensated``): within about one
+float32 rounding of the exact weighted mean whatever the clients' order, offsets and weights, and
+a round in which every client returns the same model gives that model back bit for bit. (An
+average around client 0's model, as before, lost digits when that client was far from the others,
+so the result depended on arrival order.)
 """
 
 from __future__ import annotations
@@ -22,8 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdjax.core.compensated import pairwise_sum, two_prod, weighted_mean
+from fdjax.core.robust import (coordinate_median, krum_neighbours, krum_scores, krum_selection,
+                               trimmed_count, trimmed_mean)
+
 STALENESS_KINDS = ("constant", "polynomial", "hinge")
-AGGREGATION_RULES = ("fedavg", "median", "trimmed_mean")
+AGGREGATION_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+__all__ = ["AGGREGATION_RULES", "STALENESS_KINDS", "AggregationRule", "StreamingAverage",
+           "aggregate", "check_weights", "clip_update", "coordinate_median", "fedavg",
+           "krum_neighbours", "krum_scores", "krum_selection", "mix", "stack_trees",
+           "staleness_mix", "staleness_weight", "streaming_add", "streaming_init",
+           "streaming_result", "trimmed_count", "trimmed_mean", "validate_update"]
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -38,7 +51,8 @@ def _is_traced(x: Any) -> bool:
 
 
 def check_weights(weights: Any, num_clients: int | None = None) -> None:
-    """Raises ``ValueError`` unless ``weights`` are finite, non-negative and not all zero."""
+    """Raises ``ValueError`` unless ``weights`` are finite, non-negative, fit float32 (the
+    precision models are averaged in) and are not all zero there."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1:
         raise ValueError(f"aggregation weights must be a 1-D vector, got shape {w.shape}")
@@ -49,8 +63,19 @@ def check_weights(weights: Any, num_clients: int | None = None) -> None:
     if np.any(w < 0):
         raise ValueError(f"aggregation weights must be non-negative, got {w.min()} "
                          f"(client {int(np.argmin(w))}); use example counts")
-    if not w.sum() > 0:
-        raise ValueError("aggregation weights sum to zero: at least one client needs weight > 0")
+    if np.any(w > _FLOAT32_MAX):
+        raise ValueError(f"aggregation weight {w.max():.3g} (client {int(np.argmax(w))}) does "
+                         f"not fit float32 (largest {_FLOAT32_MAX:.3g}); use example counts")
+    if not w.astype(np.float32).astype(np.float64).sum() > 0:
+        raise ValueError("aggregation weights sum to zero (in float32): at least one client "
+                         "needs weight > 0")
+
+
+def _mean_leaf(leaf: jax.Array, w: jax.Array) -> jax.Array:
+    if leaf.dtype == jnp.float64:  # with jax_enable_x64: float64 is already precise enough
+        w64 = w.astype(jnp.float64)
+        return jnp.tensordot(w64, leaf, axes=1) / jnp.sum(w64)
+    return weighted_mean(leaf.astype(jnp.float32), w).astype(leaf.dtype)
 
 
 def fedavg(stacked: Any, weights: jax.Array) -> Any:
@@ -58,123 +83,191 @@ def fedavg(stacked: Any, weights: jax.Array) -> Any:
 
     Args:
         stacked: a tree whose leaves have shape ``[clients, ...]``.
-        weights: ``[clients]`` non-negative weights, e.g. local example counts.
+        weights: ``[clients]`` non-negative weights, e.g. local example counts; checked (see
+            ``check_weights``) unless traced.
 
     Returns:
-        A tree like one client's model, in the leaves' own dtypes.
+        A tree like one client's model, in the leaves' own dtypes: within about one float32
+        rounding of the exact weighted mean, and bit for bit the model when all clients agree.
     """
     leaves = jax.tree_util.tree_leaves(stacked)
     if not _is_traced(weights):
         check_weights(weights, leaves[0].shape[0] if leaves else None)
     w = jnp.asarray(weights, jnp.float32)
-    total = jnp.sum(w)
-
-    def average(leaf):
-        anchor = leaf[0]
-        delta = (leaf - anchor[None]).astype(jnp.float32)
-        return (anchor + jnp.tensordot(w, delta, axes=1) / total).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map(average, stacked)
+    return jax.tree_util.tree_map(lambda leaf: _mean_leaf(leaf, w), stacked)
 
 
-def coordinate_median(stacked: Any) -> Any:
-    """Coordinate-wise median over the leading (client) axis (Yin et al., 2018).
+class AggregationRule(NamedTuple):
+    """How a round's updates are combined: hashable, so a jitted ``aggregate`` takes it static.
 
-    Unweighted: a client cannot buy influence by claiming more examples. While fewer than half of
-    the clients are bad, every coordinate of the result lies within the range of the good clients'
-    values, however large the bad ones are. Unlike ``fedavg`` it is not computed around client 0's
-    model: that client may be the bad one, and differences from a huge model would wipe out the
-    good ones' digits.
+    Attributes:
+        name: one of ``AGGREGATION_RULES``.
+        trim_fraction: the share ``trimmed_mean`` drops at each end.
+        num_byzantine: ``f``, the bad clients Krum and Multi-Krum are built to withstand.
+        multi_krum_keep: ``m``, the clients Multi-Krum averages; None: ``n - f``.
+        clip_norm: if set, each update's change from the server's model is scaled down to at
+            most this L2 norm before the rule runs (clipped instead of rejected).
     """
-    return jax.tree_util.tree_map(
-        lambda leaf: jnp.median(leaf.astype(jnp.float32), axis=0).astype(leaf.dtype), stacked)
+
+    name: str = "fedavg"
+    trim_fraction: float = 0.1
+    num_byzantine: int = 1
+    multi_krum_keep: int | None = None
+    clip_norm: float | None = None
 
 
-def trimmed_count(num_clients: int, trim_fraction: float) -> int:
-    """How many values ``trimmed_mean`` drops at each end: ``floor(trim_fraction * num_clients)``."""
-    if not 0 <= trim_fraction < 0.5:
-        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-    return int(math.floor(trim_fraction * num_clients))
-
-
-def trimmed_mean(stacked: Any, trim_fraction: float = 0.1) -> Any:
-    """Coordinate-wise trimmed mean over the leading (client) axis (Yin et al., 2018).
-
-    For each coordinate, drops the ``k = floor(trim_fraction * clients)`` smallest and ``k`` largest
-    client values and averages the rest (unweighted). With ``k >= b``, ``b`` bad clients cannot
-    move any coordinate outside the range of the good clients' values. ``trim_fraction`` must be a
-    static Python float under ``jit``.
-    """
-    leaves = jax.tree_util.tree_leaves(stacked)
-    n = int(leaves[0].shape[0]) if leaves else 0
-    k = trimmed_count(n, trim_fraction)
-
-    def one(leaf):
-        # Around the median, a robust centre: small differences keep their digits whatever the
-        # outliers are, and identical client models come back bit for bit.
-        values = leaf.astype(jnp.float32)
-        centre = jnp.median(values, axis=0)
-        kept = jnp.sort(values - centre[None], axis=0)[k:n - k]
-        return (centre + jnp.mean(kept, axis=0)).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map(one, stacked)
-
-
-def aggregate(stacked: Any, weights: jax.Array, rule: str = "fedavg",
-              trim_fraction: float = 0.1) -> Any:
+def aggregate(stacked: Any, weights: jax.Array, rule: str | AggregationRule = "fedavg",
+              trim_fraction: float = 0.1, reference: Any = None) -> Any:
     """Aggregates stacked client models with the named rule.
 
     Args:
         stacked: a tree whose leaves have shape ``[clients, ...]``.
-        weights: ``[clients]`` example counts; only "fedavg" uses them.
-        rule: "fedavg", "median" or "trimmed_mean" (static under ``jit``).
-        trim_fraction: the share trimmed at each end by "trimmed_mean" (static under ``jit``).
+        weights: ``[clients]`` example counts; "fedavg" and "multi_krum" (among the kept
+            clients, as Flower's ``aggregate_krum`` does) use them.
+        rule: a rule name, or an ``AggregationRule`` with all its settings (static under
+            ``jit``).
+        trim_fraction: with a rule name, the share trimmed at each end by "trimmed_mean".
+        reference: the server's model, needed with ``clip_norm``.
     """
-    if rule == "fedavg":
+    if isinstance(rule, str):
+        rule = AggregationRule(rule, trim_fraction)
+    if rule.clip_norm is not None:
+        if reference is None:
+            raise ValueError("clip_norm clips each update's change from the server's model; "
+                             "pass that model as reference")
+        stacked = jax.vmap(clip_update, in_axes=(None, 0, None))(reference, stacked,
+                                                                 rule.clip_norm)
+    if rule.name == "fedavg":
         return fedavg(stacked, weights)
-    if rule == "median":
+    if rule.name == "median":
         return coordinate_median(stacked)
-    if rule == "trimmed_mean":
-        return trimmed_mean(stacked, trim_fraction)
-    raise ValueError(f"unknown aggregation rule {rule!r}; choose one of {list(AGGREGATION_RULES)}")
+    if rule.name == "trimmed_mean":
+        return trimmed_mean(stacked, rule.trim_fraction)
+    if rule.name in ("krum", "multi_krum"):
+        return _krum(stacked, weights, rule)
+    raise ValueError(f"unknown aggregation rule {rule.name!r}; choose one of "
+                     f"{list(AGGREGATION_RULES)}")
+
+
+def _krum(stacked: Any, weights: jax.Array, rule: AggregationRule) -> Any:
+    """Krum: the best-scored client's model, exactly; Multi-Krum: FedAvg of the ``m`` best."""
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    if rule.name == "krum":
+        best = jnp.argmax(krum_selection(stacked, rule.num_byzantine, 1))
+        return jax.tree_util.tree_map(lambda leaf: leaf[best], stacked)
+    keep = rule.multi_krum_keep or n - rule.num_byzantine
+    kept = krum_selection(stacked, rule.num_byzantine, max(1, min(keep, n)))
+    w = jnp.asarray(weights, jnp.float32) * kept
+    # Every kept client may have claimed 0 examples; then they count equally.
+    return fedavg(stacked, jnp.where(jnp.sum(w) > 0, w, kept))
+
+
+def clip_update(reference: Any, update: Any, max_norm: float) -> Any:
+    """``update`` with its change from ``reference`` scaled down to L2 norm at most
+    ``max_norm`` (over all leaves); an update already within it comes back bit for bit.
+
+    Clipping bounds what any one client can move the model by without throwing its update away
+    (``aggregation.max_delta_norm`` rejects instead), the usual companion of robust rules and of
+    differential privacy (Abadi et al., 2016).
+    """
+    if not _is_traced(max_norm) and not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"clip_norm must be finite and > 0, got {max_norm}")
+    deltas = jax.tree_util.tree_map(lambda u, r: u.astype(jnp.float32) - r.astype(jnp.float32),
+                                    update, reference)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in jax.tree_util.tree_leaves(deltas)))
+    # The clipped change has norm max_norm up to one rounding of each coordinate of r + s * d.
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree_util.tree_map(
+        lambda u, r, d: jnp.where(norm <= max_norm, u,
+                                  (r.astype(jnp.float32) + scale * d).astype(u.dtype)),
+        update, reference, deltas)
 
 
 class StreamingAverage(NamedTuple):
-    """Running state of a FedAvg whose client models arrive one at a time."""
+    """Running state of a FedAvg whose client models arrive one at a time.
 
-    anchor: Any
-    weighted_delta: Any
-    total_weight: jax.Array
+    The weighted sum and the total weight are double-floats (``hi + lo``) kept at the scale
+    ``2^-exponent``, where ``2^exponent`` bounds the largest weight seen so far: weights up to
+    float32's largest then neither overflow the sums nor the products. ``low`` and ``high``
+    are each coordinate's range over the clients with weight > 0.
+    """
+
+    sum_hi: Any
+    sum_lo: Any
+    total_hi: jax.Array
+    total_lo: jax.Array
+    low: Any
+    high: Any
+    exponent: jax.Array
 
 
 def streaming_init(first: Any, weight: float) -> StreamingAverage:
-    """Starts a streaming average with the first model to arrive (it becomes the anchor)."""
-    _check_streaming_weight(weight)
+    """Starts a streaming average with the first model to arrive."""
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), first)
-    return StreamingAverage(first, zeros, jnp.asarray(weight, jnp.float32))
+    inf = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, jnp.inf, jnp.float32), first)
+    empty = StreamingAverage(zeros, zeros, jnp.zeros((), jnp.float32),
+                             jnp.zeros((), jnp.float32), inf,
+                             jax.tree_util.tree_map(jnp.negative, inf),
+                             jnp.asarray(-200, jnp.int32))  # below every float32 exponent
+    return streaming_add(empty, first, weight)
 
 
 def streaming_add(state: StreamingAverage, model: Any, weight: float) -> StreamingAverage:
-    """Adds one more client model with its weight."""
+    """Adds one more client model with its weight (error-free, as ``fedavg``)."""
     _check_streaming_weight(weight)
     w = jnp.asarray(weight, jnp.float32)
-    delta = jax.tree_util.tree_map(lambda acc, x, a: acc + w * (x - a).astype(jnp.float32),
-                                   state.weighted_delta, model, state.anchor)
-    return StreamingAverage(state.anchor, delta, state.total_weight + w)
+    # w = m * 2^k with m in [0.5, 1): only m goes through the product's split; the powers of
+    # two, and rescaling the sums when a larger weight arrives, are exact.
+    mantissa, k = jnp.frexp(w)
+    exponent = jnp.where(w > 0, jnp.maximum(state.exponent, k), state.exponent)
+    old, new = state.exponent - exponent, k - exponent
+
+    def add(hi, lo, x):
+        p, e = two_prod(mantissa, x.astype(jnp.float32))
+        return pairwise_sum(jnp.stack([jnp.ldexp(hi, old), jnp.ldexp(p, new)]),
+                            jnp.stack([jnp.ldexp(lo, old), jnp.ldexp(e, new)]))
+
+    sums = jax.tree_util.tree_map(add, state.sum_hi, state.sum_lo, model)
+    total = pairwise_sum(jnp.stack([jnp.ldexp(state.total_hi, old), jnp.ldexp(mantissa, new)]),
+                         jnp.stack([jnp.ldexp(state.total_lo, old), jnp.zeros_like(w)]))
+    counted = w > 0
+    low = jax.tree_util.tree_map(
+        lambda a, x: jnp.where(counted, jnp.minimum(a, x.astype(jnp.float32)), a), state.low,
+        model)
+    high = jax.tree_util.tree_map(
+        lambda a, x: jnp.where(counted, jnp.maximum(a, x.astype(jnp.float32)), a), state.high,
+        model)
+    is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
+    return StreamingAverage(jax.tree_util.tree_map(lambda t: t[0], sums, is_leaf=is_pair),
+                            jax.tree_util.tree_map(lambda t: t[1], sums, is_leaf=is_pair),
+                            total[0], total[1], low, high, exponent)
 
 
 def _check_streaming_weight(weight: Any) -> None:
-    if not _is_traced(weight) and not (math.isfinite(float(weight)) and float(weight) >= 0):
-        raise ValueError(f"aggregation weights must be finite and non-negative, got {weight}")
+    if _is_traced(weight):
+        return
+    w = float(weight)
+    if not (math.isfinite(w) and 0 <= w <= _FLOAT32_MAX):
+        raise ValueError(f"aggregation weights must be finite, non-negative and fit float32, "
+                         f"got {weight}")
 
 
-def streaming_result(state: StreamingAverage) -> Any:
-    """The average of every model added so far; equals ``fedavg`` of them in arrival order."""
-    if not _is_traced(state.total_weight) and not float(state.total_weight) > 0:
+def streaming_result(state: StreamingAverage, like: Any = None) -> Any:
+    """The average of every model added so far; equals ``fedavg`` of them in any order, within
+    a float32 rounding. ``like``: a model whose dtypes the result takes (default float32)."""
+    total = state.total_hi + state.total_lo
+    if not _is_traced(total) and not float(total) > 0:
         raise ValueError("aggregation weights sum to zero: at least one client needs weight > 0")
-    return jax.tree_util.tree_map(
-        lambda a, d: (a + d / state.total_weight).astype(a.dtype), state.anchor,
-        state.weighted_delta)
+    # Divide with both sides scaled (exactly) so the total is in [0.5, 1): XLA flushes
+    # subnormals to zero, and 1 / total would be one for totals above about 8.5e37.
+    _, k = jnp.frexp(total)
+    total = jnp.ldexp(total, -k)
+    mean = jax.tree_util.tree_map(
+        lambda hi, lo, a, b: jnp.clip(jnp.ldexp(hi + lo, -k) / total, a, b), state.sum_hi,
+        state.sum_lo, state.low, state.high)
+    if like is None:
+        return mean
+    return jax.tree_util.tree_map(lambda m, x: m.astype(x.dtype), mean, like)
 
 
 def staleness_weight(staleness: jax.Array, kind: str = "polynomial", a: float = 0.5,
@@ -187,13 +280,19 @@ def staleness_weight(staleness: jax.Array, kind: str = "polynomial", a: float = 
             ``b``, then ``1 / (a (staleness - b) + 1)``).
         a: decay exponent (polynomial) or slope (hinge), > 0.
         b: hinge point, >= 0.
+
+    ``kind`` is static under ``jit``; ``a`` and ``b`` may be traced (one compiled program for
+    every setting), and are then not checked here: the config checks them
+    (``distill.staleness_a``, ``distill.staleness_b``).
     """
     if kind not in STALENESS_KINDS:
         raise ValueError(f"unknown staleness weighting {kind!r}; choose one of "
                          f"{list(STALENESS_KINDS)}")
-    if not a > 0 or not b >= 0:
-        raise ValueError(f"staleness parameters need a > 0 and b >= 0, got a={a}, b={b}")
+    if not (_is_traced(a) or _is_traced(b)) and not (
+            math.isfinite(a) and math.isfinite(b) and a > 0 and b >= 0):
+        raise ValueError(f"staleness parameters need finite a > 0 and b >= 0, got a={a}, b={b}")
     s = jnp.maximum(jnp.asarray(staleness, jnp.float32), 0.0)
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     if kind == "constant":
         return jnp.ones_like(s)
     if kind == "polynomial":

@@ -30,7 +30,7 @@ from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer
 
 #: The averaging server's computations, compiled once; module-level so a backend running them
 #: elsewhere (a Ray actor) runs the very same programs.
-aggregate_updates = jax.jit(aggregation.aggregate, static_argnames=("rule", "trim_fraction"))
+aggregate_updates = jax.jit(aggregation.aggregate, static_argnames=("rule",))
 mix_stale = jax.jit(aggregation.staleness_mix, static_argnames=("kind",))
 
 
@@ -198,7 +198,10 @@ class AveragingServer:
             wait for it (synchronous methods); otherwise rounds run back to back.
         mix_distilled: mix models the distillation server sends between rounds into the
             current model with a staleness weight (the asynchronous forward method).
-        rule: "fedavg", "median" or "trimmed_mean" (``aggregation.aggregate``).
+        rule: how updates are combined (``aggregation.AggregationRule``: the rule's name and
+            settings, update clipping included), or a rule's name with its defaults.
+        staleness_a, staleness_b: the staleness function's parameters
+            (``aggregation.staleness_weight``).
         max_delta_norm: reject updates that change the model by more than this L2 norm.
         round_timeout: seconds on the run's clock after which a round may close without the
             clients that have not answered (None: wait for all of them).
@@ -213,7 +216,8 @@ class AveragingServer:
                  inbox: Mailbox, cost: Cost, published: Register, wait_for_distiller: bool = False,
                  mix_distilled: bool = False, mix_alpha: float = 0.5,
                  staleness: str = "polynomial", on_round: Callable[[int], None] | None = None,
-                 rule: str = "fedavg", trim_fraction: float = 0.1,
+                 rule: str | aggregation.AggregationRule = "fedavg",
+                 staleness_a: float = 0.5, staleness_b: float = 4.0,
                  max_delta_norm: float | None = None, round_timeout: float | None = None,
                  quorum: int = 1, accept_late: bool = False,
                  sample: Callable[[int], Sequence[int]] | None = None):
@@ -222,7 +226,9 @@ class AveragingServer:
         self.cost, self.published = cost, published
         self.wait_for_distiller, self.mix_distilled = wait_for_distiller, mix_distilled
         self.mix_alpha, self.staleness = mix_alpha, staleness
-        self.rule, self.trim_fraction, self.max_delta_norm = rule, trim_fraction, max_delta_norm
+        self.staleness_a, self.staleness_b = staleness_a, staleness_b
+        self.rule = aggregation.AggregationRule(rule) if isinstance(rule, str) else rule
+        self.max_delta_norm = max_delta_norm
         self.round_timeout, self.quorum, self.accept_late = round_timeout, quorum, accept_late
         self.inbox = inbox
         self.from_distiller = Mailbox(published.network)
@@ -255,7 +261,8 @@ class AveragingServer:
                 self.params, charged = await self.ctx.clock.compute(
                     self.device, lambda: self.aggregate(stacked, weights),
                     cost=self.cost, examples=len(accepted),
-                    program=(self.rule, len(accepted)), node=self.name, label=self.rule)
+                    program=(self.rule.name, len(accepted)), node=self.name,
+                    label=self.rule.name)
                 self.stats.busy += charged
             self.round += 1
             self.ctx.log(self.name, "round_end", round=self.round, clients=len(accepted))
@@ -264,13 +271,14 @@ class AveragingServer:
                 self.on_round(self.round)
 
     def aggregate(self, stacked: Any, weights: np.ndarray) -> Any:
-        """The computation of a round's end: ``rule`` over the stacked updates."""
-        return aggregate_updates(stacked, weights, rule=self.rule,
-                                 trim_fraction=self.trim_fraction)
+        """The computation of a round's end: ``rule`` over the stacked updates (each clipped
+        to ``rule.clip_norm`` from the current model first, if set)."""
+        return aggregate_updates(stacked, weights, rule=self.rule, reference=self.params)
 
     def mix(self, distilled: Any, staleness: int) -> Any:
         """The computation of mixing a forward-distilled model in, weighted by staleness."""
-        return mix_stale(self.params, distilled, staleness, self.mix_alpha, kind=self.staleness)
+        return mix_stale(self.params, distilled, staleness, self.mix_alpha, kind=self.staleness,
+                         a=self.staleness_a, b=self.staleness_b)
 
     def snapshot(self) -> tuple[dict, dict]:
         """Its state between rounds: the model (arrays) and counters.

@@ -117,12 +117,12 @@ class NodeWorker:
         return host(self.programs[name].chunk(state, teacher, self.data,
                                               jax.random.wrap_key_data(key)))
 
-    def aggregate(self, stacked: Any, weights: np.ndarray, rule: str, trim_fraction: float
-                  ) -> Any:
-        return host(aggregate_updates(stacked, weights, rule=rule, trim_fraction=trim_fraction))
+    def aggregate(self, stacked: Any, weights: np.ndarray, rule: Any, reference: Any) -> Any:
+        return host(aggregate_updates(stacked, weights, rule=rule, reference=reference))
 
-    def mix(self, params: Any, distilled: Any, staleness: int, alpha: float, kind: str) -> Any:
-        return host(mix_stale(params, distilled, staleness, alpha, kind=kind))
+    def mix(self, params: Any, distilled: Any, staleness: int, alpha: float, kind: str,
+            a: float, b: float) -> Any:
+        return host(mix_stale(params, distilled, staleness, alpha, kind=kind, a=a, b=b))
 
 
 class Role(NamedTuple):
@@ -281,11 +281,13 @@ class RayAveragingServer(AveragingServer):
         self.worker = worker
 
     def aggregate(self, stacked: Any, weights: np.ndarray) -> Any:
-        return self.worker.aggregate.remote(host(stacked), weights, self.rule, self.trim_fraction)
+        reference = host(self.params) if self.rule.clip_norm is not None else None
+        return self.worker.aggregate.remote(host(stacked), weights, self.rule, reference)
 
     def mix(self, distilled: Any, staleness: int) -> Any:
         return self.worker.mix.remote(host(self.params), host(distilled), staleness,
-                                      self.mix_alpha, self.staleness)
+                                      self.mix_alpha, self.staleness, self.staleness_a,
+                                      self.staleness_b)
 
 
 class RemoteDistiller:

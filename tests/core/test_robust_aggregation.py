@@ -6,6 +6,8 @@ import functools
 
 import chex
 import jax
+import jax.flatten_util
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -88,8 +90,158 @@ def test_median_and_trimmed_mean_by_hand():
 
 @pytest.mark.parametrize("call, message", [
     (functools.partial(agg.trimmed_mean, trim_fraction=0.5), "trim_fraction"),
-    (functools.partial(agg.aggregate, weights=np.ones(2), rule="krum"), "unknown aggregation rule"),
+    (functools.partial(agg.aggregate, weights=np.ones(2), rule="bulyan"),
+     "unknown aggregation rule"),
 ])
 def test_bad_rule_settings_are_rejected(call, message):
     with pytest.raises(ValueError, match=message):
         call(agg.stack_trees([make_tree(np.random.default_rng(0))] * 2))
+
+
+# --- Krum and Multi-Krum (Blanchard et al., 2017) -------------------------------------------
+
+rule_aggregate = jax.jit(agg.aggregate, static_argnames=("rule",))
+
+
+@st.composite
+def byzantine_rounds(draw):
+    """``n > 2f + 2`` clients: honest ones within radius ``r`` of a centre, ``f`` Byzantine
+    ones (possibly colluding on one point) at a distance ``D`` where the guarantee applies:
+    ``(n - 2f - 1)(D - r)^2 > (n - f - 2)(2r)^2``."""
+    f = draw(st.integers(1, 2))
+    n = draw(st.integers(2 * f + 3, 2 * f + 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    centre, radius = make_tree(rng, 5.0), 0.5
+    dim = sum(x.size for x in jax.tree_util.tree_leaves(centre))
+
+    def near(tree, distance):
+        direction = rng.normal(size=dim)
+        direction *= distance / np.linalg.norm(direction)
+        flat, unravel = jax.flatten_util.ravel_pytree(tree)
+        return unravel(flat + jnp.asarray(direction, jnp.float32))
+
+    honest = [near(centre, radius * rng.uniform()) for _ in range(n - f)]
+    bound = radius + 2 * radius * np.sqrt((n - f - 2) / (n - 2 * f - 1))
+    distance = bound * draw(st.floats(1.2, 1e4))
+    colluding = draw(st.booleans())
+    point = near(centre, distance)
+    bad = [point if colluding else near(centre, distance * rng.uniform(1, 3)) for _ in range(f)]
+    slots = rng.permutation(n)
+    trees = [None] * n
+    for slot, tree in zip(slots, honest + bad):
+        trees[slot] = tree
+    weights = rng.integers(1, 100, n).astype(np.float32)
+    weights[slots[n - f:]] = 1e6  # bad clients claim many examples
+    return trees, weights, set(int(s) for s in slots[:n - f]), f
+
+
+@settings(deadline=None, max_examples=40)
+@given(byzantine_rounds())
+def test_krum_picks_an_honest_model_exactly(case):
+    trees, weights, honest, f = case
+    chosen = int(np.argmax(np.asarray(agg.krum_selection(agg.stack_trees(trees), f))))
+    assert chosen in honest
+    result = rule_aggregate(agg.stack_trees(trees), weights,
+                            rule=agg.AggregationRule("krum", num_byzantine=f))
+    chex.assert_trees_all_equal(result, trees[chosen])
+
+
+@settings(deadline=None, max_examples=40)
+@given(byzantine_rounds(), st.integers(1, 4))
+def test_multi_krum_averages_only_honest_models(case, keep):
+    trees, weights, honest, f = case
+    keep = min(keep, len(honest))
+    kept = np.asarray(agg.krum_selection(agg.stack_trees(trees), f, keep))
+    assert set(np.flatnonzero(kept).tolist()) <= honest and kept.sum() == keep
+    result = rule_aggregate(agg.stack_trees(trees), weights, rule=agg.AggregationRule(
+        "multi_krum", num_byzantine=f, multi_krum_keep=keep))
+    chosen = sorted(np.flatnonzero(kept).tolist())
+    close(result, fedavg(agg.stack_trees([trees[i] for i in chosen]), weights[chosen]))
+    honest_stack = agg.stack_trees([trees[i] for i in sorted(honest)])
+    for avg, leaf in zip(leaves(result), leaves(honest_stack)):
+        assert np.all(avg >= leaf.min(0) - 1e-5) and np.all(avg <= leaf.max(0) + 1e-5)
+
+
+def test_krum_by_hand_and_its_defaults():
+    values = np.asarray([0.0, 1.0, 2.0, 100.0, 3.0], np.float32)
+    stacked = {"w": jnp.asarray(values)[:, None]}
+    # n = 5, f = 1: each score sums the 2 nearest others' squared distances
+    np.testing.assert_allclose(agg.krum_scores(stacked, 1), [1 + 4, 1 + 1, 1 + 1, 97**2 + 98**2,
+                                                             1 + 4])
+    assert float(rule_aggregate(stacked, np.ones(5), rule="krum")["w"][0]) == 1.0  # tie: lower
+    # Multi-Krum keeps n - f = 4 by default: everyone but the outlier, weighted by examples
+    multi = rule_aggregate(stacked, np.asarray([1, 1, 1, 1, 2], np.float32), rule="multi_krum")
+    np.testing.assert_allclose(multi["w"], [(0 + 1 + 2 + 2 * 3) / 5])
+    assert agg.krum_neighbours(3, 1) == 1 and agg.krum_neighbours(10, 2) == 6
+
+
+# --- update clipping --------------------------------------------------------------------------
+
+clip = jax.jit(agg.clip_update)
+
+
+def distance(a, b) -> float:
+    return float(np.sqrt(sum(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)
+                             for x, y in zip(leaves(a), leaves(b)))))
+
+
+def rounding(tree) -> float:
+    """The L2 norm of one float32 spacing per coordinate: what storing a model can add."""
+    return float(np.sqrt(sum(np.sum(np.spacing(np.abs(x)).astype(np.float64) ** 2)
+                             for x in leaves(tree))))
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3), st.floats(1e-4, 1e4))
+def test_clipping_bounds_the_change_and_keeps_its_direction(seed, max_norm, size):
+    rng = np.random.default_rng(seed)
+    reference = make_tree(rng)
+    step = jax.tree_util.tree_map(lambda x: x * np.float32(size / 10.0), make_tree(rng))
+    update = jax.tree_util.tree_map(lambda r, d: r + d, reference, step)
+    clipped = clip(reference, update, max_norm)
+    before, after = distance(update, reference), distance(clipped, reference)
+    if before <= max_norm:
+        chex.assert_trees_all_equal(clipped, update)  # within the bound: untouched
+    else:
+        # up to one float32 rounding of each coordinate of the clipped model
+        assert abs(after - max_norm) <= 1e-6 * max_norm + rounding(clipped)
+        moved = np.concatenate([np.ravel(c - r) for c, r in zip(leaves(clipped),
+                                                                  leaves(reference))])
+        wanted = np.concatenate([np.ravel(u - r) for u, r in zip(leaves(update),
+                                                                 leaves(reference))])
+        cosine = moved @ wanted / (np.linalg.norm(moved) * np.linalg.norm(wanted))
+        assert cosine > 1 - 1e-5
+
+
+@settings(deadline=None, max_examples=25)
+@given(clients(min_clients=2), st.floats(1e-2, 10.0),
+       st.sampled_from(["fedavg", "median", "trimmed_mean", "multi_krum"]))
+def test_with_clipping_no_round_moves_the_model_further_than_the_bound(case, max_norm, name):
+    trees, weights, rng = case
+    reference = make_tree(rng)
+    rule = agg.AggregationRule(name, trim_fraction=0.2, clip_norm=max_norm)
+    result = rule_aggregate(agg.stack_trees(trees), weights, rule=rule, reference=reference)
+    assert distance(result, reference) <= max_norm * (1 + 1e-5) + 2 * rounding(result)
+
+
+def test_clipping_needs_the_server_model_and_a_positive_bound():
+    stacked = agg.stack_trees([{"w": jnp.zeros(2)}] * 2)
+    with pytest.raises(ValueError, match="reference"):
+        agg.aggregate(stacked, np.ones(2), agg.AggregationRule(clip_norm=1.0))
+    with pytest.raises(ValueError, match="clip_norm"):
+        agg.clip_update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, float("inf"))
+
+
+# --- staleness functions with traced parameters ------------------------------------------------
+
+@pytest.mark.parametrize("kind", agg.STALENESS_KINDS)
+def test_staleness_parameters_may_be_traced(kind):
+    weight = jax.jit(agg.staleness_weight, static_argnames=("kind",))
+    staleness = jnp.arange(12)
+    for a, b in ((0.5, 4.0), (2.0, 1.0)):
+        np.testing.assert_allclose(weight(staleness, kind=kind, a=a, b=b),
+                                   agg.staleness_weight(staleness, kind, a, b), rtol=1e-6)
+    mixed = jax.jit(agg.staleness_mix, static_argnames=("kind",))(
+        {"w": jnp.zeros(1)}, {"w": jnp.ones(1)}, 6, 0.5, kind=kind, a=1.0, b=2.0)
+    expected = {"constant": 0.5, "polynomial": 0.5 / 7, "hinge": 0.5 / 5}[kind]
+    np.testing.assert_allclose(mixed["w"], [expected], rtol=1e-6)

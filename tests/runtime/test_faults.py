@@ -68,6 +68,22 @@ def test_robust_aggregation_bounds_a_huge_update_that_fedavg_lets_in():
     assert max_abs(bounded.small_params) < 10 and max_abs(trimmed.small_params) < 10
 
 
+def test_krum_and_clipping_bound_a_huge_update_in_a_run():
+    """Five clients (Krum with f = 1 needs more than 4), one sending +1000 everywhere."""
+    spec = faults("norm:1@1", "norm:1@2", "norm:1@3")
+    five = ("clients.count=5", "clients.speeds=[0.25]", "stop.time_budget=10")
+    wrecked = run(tiny("async-round", spec, *five))
+    krum = run(tiny("async-round", spec, *five, "aggregation.rule=krum"))
+    multi = run(tiny("async-round", spec, *five, "aggregation.rule=multi_krum"))
+    clipped = run(tiny("async-round", spec, *five, "aggregation.clip_norm=1"))
+    assert max_abs(wrecked.small_params) > 100
+    final = wrecked.rows[-1]["small_accuracy"]
+    for result in (krum, multi, clipped):  # nothing rejected: bounded, and still learning
+        assert max_abs(result.small_params) < 10 and not result.rejected
+        start = result.rows[0]["small_accuracy"]
+        assert result.rows[-1]["small_accuracy"] > max(final, start) + 0.1
+
+
 @pytest.mark.parametrize("method", ["sync-fwd", "async-continuous"])
 def test_a_crashed_and_a_hung_client_do_not_stop_the_run(method):
     result = run(tiny(method, faults("crash:1@1", "hang:2@2"), "aggregation.round_timeout=1.0",
