@@ -4,8 +4,13 @@ Every partition is deterministic from its seed and uses each training example at
 proxy split is held out first, and the clients share the rest without overlap. Schemes:
 
 * ``"iid"``: a random permutation cut into near-equal parts.
-* ``"dirichlet"``: for each class, client shares drawn from Dirichlet(alpha) (Hsu et al., 2019);
-  small alpha gives strongly skewed label mixes, large alpha approaches IID.
+* ``"dirichlet"``: for each class, its split among the clients drawn from Dirichlet(alpha) over
+  the clients (Yurochkin et al., 2019; the recipe of FedMA, FedDF and flwr-datasets'
+  ``DirichletPartitioner``); client sizes vary. Small alpha gives strongly skewed label mixes,
+  large alpha approaches IID.
+* ``"dirichlet_client"``: each client's label mix ``q ~ Dirichlet(alpha * p)``, ``p`` the overall
+  label mix, and equal client sizes (Hsu et al., 2019). For the same alpha more skewed than
+  ``"dirichlet"``: the concentration sums to alpha here, to ``alpha * clients`` there.
 * ``"shards"``: examples sorted by label and cut into ``num_clients * shards_per_client`` shards,
   each client taking ``shards_per_client`` at random (McMahan et al., 2017).
 """
@@ -18,7 +23,7 @@ import numpy as np
 
 from fdjax.data.sources import ArrayDataset, DataError
 
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES = ("iid", "dirichlet", "dirichlet_client", "shards")
 
 
 def _check_clients(num_examples: int, num_clients: int) -> None:
@@ -62,6 +67,49 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def client_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int
+                               ) -> list[np.ndarray]:
+    """Hsu et al.'s split: client ``k`` draws its label mix ``q_k ~ Dirichlet(alpha * p)``
+    (``p`` the overall label mix), then its near-equal share of examples class by class from
+    ``q_k``, without replacement.
+
+    When a class runs out, a client's remaining draws go to the classes that are left, in
+    proportion to its ``q_k``; so the last clients' mixes bend towards what remains, the price
+    of using every example exactly once.
+    """
+    labels = np.asarray(labels)
+    _check_clients(len(labels), num_clients)
+    if not alpha > 0:
+        raise DataError(f"Dirichlet alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    prior = counts / counts.sum()
+    sizes = [len(p) for p in np.array_split(np.arange(len(labels)), num_clients)]
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(float(alpha) * prior)
+        taken = _draw_classes(rng, mix, np.asarray([len(p) for p in pools]), size)
+        parts.append(np.sort(np.asarray(
+            [i for c, k in enumerate(taken) for i in (pools[c].pop() for _ in range(k))],
+            dtype=np.int64)))
+    return parts
+
+
+def _draw_classes(rng: np.random.Generator, mix: np.ndarray, supply: np.ndarray, size: int
+                  ) -> np.ndarray:
+    """How many examples of each class a client of ``size`` takes: multinomial draws from
+    ``mix`` capped by ``supply``, what is left drawn again among the classes still there."""
+    taken = np.zeros(len(supply), dtype=np.int64)
+    while (need := size - taken.sum()) > 0:
+        left = supply - taken
+        weights = np.where(left > 0, mix, 0.0)
+        if weights.sum() <= 0:  # the mix puts nothing on the classes left: take them evenly
+            weights = (left > 0).astype(float)
+        taken += np.minimum(rng.multinomial(need, weights / weights.sum()), left)
+    return taken
+
+
 def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int
                     ) -> list[np.ndarray]:
     """Each client gets ``shards_per_client`` label-sorted shards."""
@@ -80,11 +128,13 @@ def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *, seed: int = 0,
               alpha: float = 0.5, shards_per_client: int = 2) -> list[np.ndarray]:
-    """Indices of each client's examples under ``scheme`` ("iid", "dirichlet" or "shards")."""
+    """Indices of each client's examples under ``scheme`` (one of ``SCHEMES``)."""
     if scheme == "iid":
         return iid_partition(len(labels), num_clients, seed)
     if scheme == "dirichlet":
         return dirichlet_partition(labels, num_clients, alpha, seed)
+    if scheme == "dirichlet_client":
+        return client_dirichlet_partition(labels, num_clients, alpha, seed)
     if scheme == "shards":
         return shard_partition(labels, num_clients, shards_per_client, seed)
     raise DataError(f"unknown partition scheme {scheme!r}; choose one of {list(SCHEMES)}")
@@ -130,11 +180,11 @@ def split_federated(train: ArrayDataset, num_clients: int, *, scheme: str = "iid
     Args:
         train: the training set (must be labeled).
         num_clients: number of clients.
-        scheme: client partition scheme ("iid", "dirichlet", "shards").
+        scheme: client partition scheme (one of ``SCHEMES``).
         proxy_size: examples held out for server-side distillation (0 for none).
         keep_proxy_labels: keep the proxy's labels (for a cross-entropy term) or drop them.
         seed: seed of both the hold-out and the partition.
-        alpha: Dirichlet concentration ("dirichlet").
+        alpha: Dirichlet concentration ("dirichlet", "dirichlet_client").
         shards_per_client: shards per client ("shards").
     """
     if train.labels is None:

@@ -15,6 +15,7 @@ def labels_for(n, classes=10, seed=0):
 
 
 SCHEME_KWARGS = [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("dirichlet", {"alpha": 10.0}),
+                 ("dirichlet_client", {"alpha": 0.1}), ("dirichlet_client", {"alpha": 5.0}),
                  ("shards", {"shards_per_client": 2})]
 
 
@@ -45,6 +46,30 @@ def test_dirichlet_skew_grows_as_alpha_shrinks():
                       for s in range(3)]) for a in (100.0, 1.0, 0.1)]
     assert skews[0] < skews[1] < skews[2]
     assert skews[0] < 0.1 and skews[2] > 0.5
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_hsu_client_mixes_have_the_dirichlet_mean_and_variance(alpha):
+    """Hsu et al.: q ~ Dirichlet(alpha * p), so E[q_c] = p_c and Var[q_c] = p_c (1 - p_c) /
+    (alpha + 1), plus the multinomial noise of drawing n examples. Checked on the first half
+    of the clients, before classes run out bends the mixes (see the docstring)."""
+    labels = np.repeat(np.arange(10), 10_000).astype(np.int32)  # p = 0.1 each
+    clients, n = 1000, 100
+    parts = partition(labels, clients, "dirichlet_client", seed=7, alpha=alpha)
+    assert {len(p) for p in parts} == {n}
+    mixes = np.stack([np.bincount(labels[p], minlength=10) / n for p in parts[:clients // 2]])
+    expected = 0.1 * 0.9 * (n + alpha) / (n * (1 + alpha))  # Dirichlet-multinomial
+    np.testing.assert_allclose(mixes.mean(0), 0.1, atol=4 * np.sqrt(expected / len(mixes)))
+    assert mixes.var(0).mean() == pytest.approx(expected, rel=0.15)
+
+
+def test_hsu_split_is_more_skewed_than_the_per_class_one_for_the_same_alpha():
+    labels = labels_for(6000)
+    for alpha in (0.1, 1.0, 10.0):
+        per_class = label_skew(labels, partition(labels, 20, "dirichlet", seed=0, alpha=alpha), 10)
+        per_client = label_skew(labels, partition(labels, 20, "dirichlet_client", seed=0,
+                                                  alpha=alpha), 10)
+        assert per_client > per_class
 
 
 def test_proxy_split_is_held_out_and_labels_follow_the_setting():
