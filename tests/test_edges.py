@@ -18,6 +18,9 @@ def test_reliability_settings_round_trip_through_toml():
     cfg = load_config(overrides=[
         "aggregation.rule=trimmed_mean", "aggregation.trim_fraction=0.2",
         "aggregation.max_delta_norm=50", "aggregation.round_timeout=2.5", "aggregation.quorum=2",
+        "aggregation.clip_norm=3.5", "aggregation.num_byzantine=0", "aggregation.multi_krum_keep=2",
+        "distill.staleness=hinge", "distill.staleness_a=2.0", "distill.staleness_b=1.5",
+        "data.partition=dirichlet_client",
         "checkpoint.every_rounds=5", "checkpoint.every_seconds=none", "checkpoint.keep=3",
         'faults.clients=["crash:1@2+1.5", "hang:0@0", "nan:2@4"]'])
     assert Config.from_dict(tomllib.loads(config_to_toml(cfg))) == cfg

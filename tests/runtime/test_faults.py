@@ -142,3 +142,16 @@ def test_stragglers_are_dropped_by_sync_methods_and_merged_late_by_async_ones():
     late = events(asynchronous, "late", "averaging")
     assert late and all(e["client"] == 2 and e["accepted"] for e in late)
     assert any(r["clients"] == 3 for r in rounds(asynchronous))  # a late update was averaged in
+
+
+def test_staleness_parameters_from_the_config_reach_the_mixing():
+    """async-fwd mixes forward-distilled models that are 1 or 2 rounds stale: a hinge at b = 5
+    weighs them fully, one at b = 0 with a steep slope almost not at all."""
+    base = ("distill.forward_every=1", "distill.staleness=hinge")
+    full = run(tiny("async-fwd", *base, "distill.staleness_b=5"))
+    faint = run(tiny("async-fwd", *base, "distill.staleness_a=1000", "distill.staleness_b=0"))
+    again = run(tiny("async-fwd", *base, "distill.staleness_b=5", "distill.staleness_a=1000"))
+    assert [e["staleness"] for e in events(full, "mixed", "averaging")][:3] == [1, 2, 2]
+    # b = 5 covers every staleness seen, so a does not matter; b = 0 with a = 1000 does
+    assert [r["small_accuracy"] for r in full.rows] == [r["small_accuracy"] for r in again.rows]
+    assert [r["small_accuracy"] for r in full.rows] != [r["small_accuracy"] for r in faint.rows]
