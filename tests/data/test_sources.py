@@ -113,3 +113,115 @@ def test_cifar10_through_tfds_data_source(tfds_dir):
     assert set(np.unique(test.labels)) == set(range(10))
     with pytest.raises(DataError, match="unknown tfds dataset"):
         load_tfds("cifar1000", "test", tfds_dir)
+
+
+def old_cut(images, labels, limit, test_images, test_labels, test_limit, holdout):
+    """``load_splits``' cuts as they were applied to fully read splits, before it read only
+    what it keeps: the reference the recorded experiments' data must keep matching."""
+    train = (images, labels) if limit is None else (images[:limit], labels[:limit])
+    keep = len(test_images) - holdout
+    held = (test_images[keep:], test_labels[keep:]) if holdout else None
+    test = (test_images[:keep], test_labels[:keep])
+    if test_limit is not None:
+        test = (test[0][:test_limit], test[1][:test_limit])
+    return train, test, held
+
+
+def assert_same(dataset, arrays):
+    images, labels = arrays
+    assert dataset.images.dtype == np.uint8 and dataset.labels.dtype == np.int32
+    np.testing.assert_array_equal(dataset.images, images)
+    np.testing.assert_array_equal(dataset.labels, labels)
+
+
+@pytest.fixture(scope="module")
+def full_read(tfds_dir):
+    """Every record of a split, read as the loader used to read it (once per split)."""
+    import tensorflow_datasets as tfds
+
+    cache = {}
+
+    def read(split):
+        if split not in cache:
+            source = tfds.data_source("cifar10", split=split, data_dir=tfds_dir)
+            records = source.__getitems__(list(range(len(source))))
+            cache[split] = (np.stack([np.asarray(r["image"], np.uint8) for r in records]),
+                            np.asarray([r["label"] for r in records], np.int32))
+        return cache[split]
+
+    return read
+
+
+@pytest.mark.cifar
+@pytest.mark.parametrize("train_split, test_split, limit, test_limit, holdout, seed", [
+    ("train", "test", 6001, None, 0, 0),  # the run that read all 50,000 training images
+    ("test", "test", None, None, 0, 0),
+    ("test", "test", 6001, 2000, 500, 3),
+    ("test", "test", 0, 12000, 9990, 1),  # nothing kept; more asked than there is
+    ("test[2000:5000]", "test[:4000]", 777, None, 3500, 0),  # sliced splits
+])
+def test_tfds_reads_only_what_it_keeps_and_keeps_what_a_full_read_kept(
+        tfds_dir, full_read, train_split, test_split, limit, test_limit, holdout, seed):
+    new = load_splits("tfds", name="cifar10", data_dir=tfds_dir, train_split=train_split,
+                      test_split=test_split, limit=limit, test_limit=test_limit,
+                      holdout=holdout, seed=seed)
+    train, test, held = old_cut(*full_read(train_split), limit, *full_read(test_split),
+                                test_limit, holdout)
+    assert_same(new.train, train)
+    assert_same(new.test, test)
+    assert new.train.name == f"cifar10/{train_split}" and new.test.name == f"cifar10/{test_split}"
+    if holdout:
+        assert_same(new.holdout, held)
+        assert new.holdout.name == f"cifar10/{test_split}/holdout"
+    else:
+        assert new.holdout is None
+
+
+@pytest.mark.cifar
+def test_tfds_decodes_only_the_kept_records(tfds_dir, monkeypatch):
+    from fdjax.data import sources
+
+    source, num_classes = sources._open_tfds("cifar10", "test", tfds_dir, False)
+    read = []
+
+    class Counting:
+        def __len__(self):
+            return len(source)
+
+        def __getitem__(self, i):
+            read.append(i)
+            return source[i]
+
+        def __getitems__(self, keys):
+            read.extend(keys)
+            return source.__getitems__(keys)
+
+    monkeypatch.setattr(sources, "_open_tfds", lambda *args: (Counting(), num_classes))
+    sources._read_tfds.cache_clear()
+    try:
+        splits = load_splits("tfds", data_dir=tfds_dir, train_split="test", limit=30,
+                             test_limit=20, holdout=10)
+    finally:
+        sources._read_tfds.cache_clear()  # entries read through the counting source
+    assert sorted(read) == sorted([*range(30), *range(20), *range(9990, 10000)])
+    assert (len(splits.train), len(splits.test), len(splits.holdout)) == (30, 20, 10)
+
+
+def test_image_folder_cuts_match_a_full_read_and_decode_only_kept_images(tmp_path):
+    write_folder(tmp_path, "train", ["a", "b", "c"], per_class=4)
+    write_folder(tmp_path, "test", ["a", "b", "c"], per_class=5)
+    full_train = load_image_folder(tmp_path, "train")
+    full_test = load_image_folder(tmp_path, "test", ["a", "b", "c"])
+    new = load_splits("folder", root=str(tmp_path), limit=5, test_limit=4, holdout=6)
+    train, test, held = old_cut(full_train.images, full_train.labels, 5, full_test.images,
+                                full_test.labels, 4, 6)
+    assert_same(new.train, train)
+    assert_same(new.test, test)
+    assert_same(new.holdout, held)
+    # a damaged image (header intact) past the limit is never decoded, so it is no error
+    last = tmp_path / "train" / "c" / "3.png"
+    png = last.read_bytes()
+    last.write_bytes(png[:png.index(b"IDAT") + 8])  # pixel data cut short
+    assert_same(load_splits("folder", root=str(tmp_path), limit=5).train, train)
+    with pytest.raises(DataError, match="cannot read image"):
+        load_splits("folder", root=str(tmp_path))
