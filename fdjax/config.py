@@ -179,6 +179,10 @@ class ClientsConfig(_Section):
     cohort: bool = _f(False)
     cohort_size: int = _f(64, _ge(1))
     cohort_lanes: str = _f("auto", _one_of("auto", "vmap", "sequential"))
+    # Split a vmapped cohort's clients over the host's local devices (multi-GPU, TPU host), one
+    # compiled call over all of them per step: "auto" when there are several and the lanes are
+    # vmap, "single" never, "all" always (forces vmap lanes; an error with one device).
+    cohort_devices: str = _f("auto", _one_of("auto", "single", "all"))
     # Clients per round, as in FedAvg: a fraction of clients.count, or a count that overrides
     # it; drawn afresh each round from the seed and the round number.
     sample_fraction: float = _f(1.0, _within(0, 1, open_lo=True))
@@ -193,6 +197,10 @@ class ClientsConfig(_Section):
         if len(self.speeds) not in (1, machines[1]):
             raise ConfigError(f"clients.speeds: must have 1 or {machines[0]} ({machines[1]}) "
                               f"entries, got {len(self.speeds)}")
+        if self.cohort_devices == "all" and self.cohort_lanes == "sequential":
+            raise ConfigError('clients.cohort_devices: "all" shards vmapped lanes, which '
+                              'clients.cohort_lanes = "sequential" rules out; set cohort_lanes '
+                              'to "vmap" or "auto"')
         if self.cohort and self.devices is None:
             raise ConfigError("clients.cohort: needs clients that share devices; set "
                               "clients.devices (for instance 1: every client on one machine)")

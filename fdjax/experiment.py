@@ -125,9 +125,9 @@ def _program(kind: str, *settings: Any) -> Any:
         return LocalTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
                             batch_size)
     if kind == "cohort":
-        model, optimizer, learning_rate, batch_size, max_lanes, lanes = settings
+        model, optimizer, learning_rate, batch_size, max_lanes, lanes, devices = settings
         return CohortTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
-                             batch_size, lanes=lanes, max_lanes=max_lanes)
+                             batch_size, lanes=lanes, max_lanes=max_lanes, devices=devices)
     if kind == "distiller":
         (student, teacher, optimizer, learning_rate, batch_size, steps, temperature, weight,
          augment) = settings
@@ -444,7 +444,7 @@ def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, clie
     if not cc.cohort:
         return clients, clients
     cohort = _program("cohort", client_spec, cc.optimizer, cc.learning_rate, cc.batch_size,
-                      cc.cohort_size, cc.cohort_lanes)
+                      cc.cohort_size, cc.cohort_lanes, cc.cohort_devices)
     cohorts = []
     for d, device in enumerate(devices):
         members = clients[d::len(devices)]

@@ -19,6 +19,8 @@ How an epoch (or a distillation chunk) is driven is a per-backend choice made by
 ``CohortTrainer`` trains many clients at once (``fdjax.core.cohort``): one compiled, ``vmap``-ed
 step per batch for a whole cohort, with the same two drivers. Cohort shapes are bucketed (lanes
 and steps in powers of two) so a run compiles a handful of programs, whatever clients it draws.
+On a host with several devices its ``vmap``-ed lanes can be split over all of them, still one
+compiled call per step (``fdjax.runtime.cohort_mesh``, ``devices=``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from fdjax.core import cohort, distillation, evaluation, training
 from fdjax.core.augment import AUGMENTATIONS
 from fdjax.core.models import Model
 from fdjax.core.training import TrainState
+from fdjax.runtime.cohort_mesh import LANE, WHOLE, CohortMesh
 
 DRIVERS = ("auto", "loop", "scan")
 
@@ -141,13 +144,17 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def cohort_chunks(steps: Sequence[int], max_lanes: int) -> list[np.ndarray]:
+def cohort_chunks(steps: Sequence[int], max_lanes: int, multiple: int = 1
+                  ) -> list[np.ndarray]:
     """Splits clients into compiled calls: positions into ``steps`` for each call.
 
     Clients whose epochs take a similar number of steps go together (the same power-of-two
     bucket), so no client pads more than twice its own steps; each bucket is cut into calls of
-    ``max_lanes`` clients and then power-of-two sizes, so no call pads a lane and a run compiles
-    at most ``log2(max_lanes) + 2`` lane counts per bucket.
+    ``max_lanes`` clients and then of ``multiple`` times a power of two, so a run compiles at
+    most ``log2(max_lanes) + 2`` lane counts per bucket. With ``multiple = 1`` no call pads a
+    lane; a sharded cohort passes its device count, and the fewer than ``multiple`` clients
+    left over go in one call that pads up to ``multiple`` lanes (one call rather than a call
+    per power of two, each padded).
     """
     steps = np.asarray(steps)
     buckets = np.asarray([_next_power_of_two(s) for s in steps], np.int64)
@@ -158,11 +165,13 @@ def cohort_chunks(steps: Sequence[int], max_lanes: int) -> list[np.ndarray]:
         while len(members) - start >= max_lanes:
             chunks.append(members[start:start + max_lanes])
             start += max_lanes
-        rest = len(members) - start
-        for bit in reversed(range(rest.bit_length())):
-            if rest & (1 << bit):
-                chunks.append(members[start:start + (1 << bit)])
-                start += 1 << bit
+        whole, rest = divmod(len(members) - start, multiple)
+        for bit in reversed(range(whole.bit_length())):
+            if whole & (1 << bit):
+                chunks.append(members[start:start + (multiple << bit)])
+                start += multiple << bit
+        if rest:
+            chunks.append(members[start:])
     return chunks
 
 
@@ -201,45 +210,109 @@ class CohortTrainer:
         lanes: "auto", "vmap" (one ``vmap``-ed step per batch for the whole cohort) or
             "sequential" (each client's own steps in turn); see ``resolve_lanes``.
         max_lanes: most clients in one compiled call (bounds memory: activations scale with it).
+        devices: "auto", "single" or "all": whether a ``vmap``-ed cohort's lanes are split over
+            the host's local devices, one compiled call over all of them per step (see
+            ``fdjax.runtime.cohort_mesh``; "all" forces "vmap" lanes when ``lanes="auto"``).
     """
 
     def __init__(self, model: Model, optimizer: optax.GradientTransformation, batch_size: int,
-                 driver: str = "auto", lanes: str = "auto", max_lanes: int = 64):
+                 driver: str = "auto", lanes: str = "auto", max_lanes: int = 64,
+                 devices: str = "auto"):
         if int(batch_size) < 1 or int(max_lanes) < 1:
             raise ValueError(f"batch_size and max_lanes must be >= 1, got {batch_size} and "
                              f"{max_lanes}")
         self.model, self.optimizer, self.batch_size = model, optimizer, int(batch_size)
         self.max_lanes = int(max_lanes)
-        self.lanes = resolve_lanes(lanes)
+        self.mesh = CohortMesh.choose(devices, lanes, resolve_lanes(lanes))
+        self.lanes = "vmap" if self.mesh is not None else resolve_lanes(lanes)
         self.driver = resolve_driver(driver) if self.lanes == "vmap" else "loop"
         settings = dict(apply_fn=model.apply_fn, optimizer=optimizer)
-        self.plan = _compile(cohort.cohort_epoch_plan, static_argnums=(3, 4))
         self.fold = _compile(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
-        # vmap: the whole cohort in each call
-        self.step = _compile(functools.partial(
-            cohort.cohort_planned_step, functools.partial(cohort.masked_train_step, **settings)))
-        self.scan_epoch = _compile(functools.partial(
-            cohort.scan_cohort_epoch, batch_size=self.batch_size, **settings),
-            static_argnames=("steps",))
-        self.start = _compile(functools.partial(cohort.cohort_init, optimizer=optimizer),
-                              static_argnums=(1,))
-        self.unstack = _compile(_unstack, static_argnums=(1,))
+        if self.mesh is None:
+            self._compile_vmapped(settings)
+        else:
+            self._compile_sharded(settings)
         # sequential: one client's step, its row of the cohort's plan picked inside
         self.lane_step = _compile(functools.partial(
             _lane_step, functools.partial(training.train_step, **settings)))
         self.lane_start = _compile(functools.partial(training.init_train_state,
                                                      optimizer=optimizer))
         self._shapes: set[tuple[int, int]] = set()
+        self._pools: dict[int, tuple[ClientPool, dict[str, jax.Array]]] = {}
+
+    def _compile_vmapped(self, settings: dict) -> None:
+        """The whole cohort's programs on one device."""
+        self.plan = _compile(cohort.cohort_epoch_plan, static_argnames=("batch_size", "steps"))
+        self.step = _compile(functools.partial(
+            cohort.cohort_planned_step, functools.partial(cohort.masked_train_step, **settings)))
+        self.scan_epoch = _compile(functools.partial(
+            cohort.scan_cohort_epoch, batch_size=self.batch_size, **settings),
+            static_argnames=("steps",))
+        self.start = _compile(functools.partial(cohort.cohort_init, optimizer=self.optimizer),
+                              static_argnums=(1,))
+        self.unstack = _compile(_unstack, static_argnums=(1,))
+
+    def _compile_sharded(self, settings: dict) -> None:
+        """The same programs with the lanes split over ``self.mesh``: one call per step.
+
+        Lanes (states, plans, keys, sizes, offsets) are split, the pool and the step number
+        copied whole; the trained parameters come back to the mesh's first device.
+        """
+        mesh, lane, whole = self.mesh, LANE, WHOLE
+        self.plan = _compile(mesh.over_lanes(cohort.cohort_epoch_plan, (lane, lane, lane),
+                                             (lane, lane)),
+                             static_argnames=("batch_size", "steps"))
+        step = functools.partial(cohort.cohort_planned_step,
+                                 functools.partial(cohort.masked_train_step, **settings))
+        self.step = _compile(mesh.over_lanes(step, (lane, whole, lane, whole, lane),
+                                             (lane, lane)))
+        epoch = functools.partial(cohort.scan_cohort_epoch, batch_size=self.batch_size,
+                                  **settings)
+        self.scan_epoch = _compile(mesh.over_lanes(epoch, (lane, whole, lane, lane, lane),
+                                                   (lane, lane)), static_argnames=("steps",))
+        self.start = _compile(functools.partial(cohort.cohort_init, optimizer=self.optimizer),
+                              static_argnums=(1,), out_shardings=mesh.lanes)
+        unstack = _compile(_unstack, static_argnums=(1,))
+        # gathered onto the first device, then cut there: a jitted call cannot take its
+        # inputs from every device and leave its outputs on one
+        self.unstack = lambda tree, lanes: unstack(jax.device_put(tree, mesh.home), lanes)
 
     def chunks(self, pool: ClientPool, members: Sequence[int]) -> list[np.ndarray]:
         """How ``train`` splits ``members`` into compiled calls (positions into ``members``)."""
         sizes = pool.sizes[np.asarray(members, np.int64)]
         return cohort_chunks([training.num_steps(n, self.batch_size) for n in sizes],
-                             self.max_lanes)
+                             self.max_lanes, 1 if self.mesh is None else self.mesh.size)
 
     def _shape(self, pool: ClientPool, members: np.ndarray) -> tuple[int, int, int]:
+        """A call's lanes (padded to a multiple of the devices), steps and bucketed steps."""
         steps = max(training.num_steps(n, self.batch_size) for n in pool.sizes[members])
-        return len(members), steps, _next_power_of_two(steps)
+        lanes = len(members) if self.mesh is None else self.mesh.padded(len(members))
+        return lanes, steps, _next_power_of_two(steps)
+
+    def _inputs(self, pool: ClientPool, rows: np.ndarray, keys: jax.Array, version: int):
+        """A call's pool data and its lanes' keys, sizes and offsets, padded and placed.
+
+        Padding lanes (up to a multiple of the devices) reuse the call's first keys and have
+        no examples, so they only take wholly masked steps, which change nothing.
+        """
+        padded = np.resize(rows, self._shape(pool, rows)[0])
+        sizes = np.where(np.arange(len(padded)) < len(rows), pool.sizes[padded], 0)
+        return self._place(pool, self.fold(keys[padded], np.int32(version)),
+                           sizes.astype(np.int32), pool.offsets[padded])
+
+    def _place(self, pool: ClientPool, keys: jax.Array, sizes: np.ndarray,
+               offsets: np.ndarray):
+        """On a mesh, the pool copied to every device (once per pool) and the lanes split."""
+        if self.mesh is None:
+            return pool.data, keys, sizes, offsets
+        if id(pool) not in self._pools:  # the pool is kept, so its id is never reused
+            self._pools[id(pool)] = (pool, self.mesh.copy(pool.data))
+        return (self._pools[id(pool)][1], self.mesh.split(keys),
+                *self.mesh.split((sizes, offsets)))
+
+    def _begin(self, params: Any, lanes: int) -> TrainState:
+        """Every lane's fresh state from ``params`` (copied to every device on a mesh)."""
+        return self.start(params if self.mesh is None else self.mesh.copy(params), lanes)
 
     def warm(self, params: Any, pool: ClientPool, members: Sequence[int]) -> bool:
         """Compiles the programs ``train`` will need for ``members``; True if any was new.
@@ -253,18 +326,20 @@ class CohortTrainer:
             lanes, _, bucket = self._shape(pool, members[chunk])
             if (lanes, bucket) in self._shapes:
                 continue
-            empty = np.zeros(lanes, np.int32)
-            keys = self.fold(jax.random.split(jax.random.key(0), lanes), np.int32(0))
-            plan, step_keys = self.plan(keys, empty, empty, self.batch_size, bucket)
+            empty = np.zeros(lanes, np.int32)  # lanes with no examples
+            data, keys, sizes, offsets = self._place(pool, self.fold(
+                jax.random.split(jax.random.key(0), lanes), np.int32(0)), empty, empty)
+            plan, step_keys = self.plan(keys, sizes, offsets, batch_size=self.batch_size,
+                                        steps=bucket)
             if self.lanes == "sequential":
-                out = self.lane_step(self.lane_start(params), pool.data, plan, np.int32(0),
+                out = self.lane_step(self.lane_start(params), data, plan, np.int32(0),
                                      step_keys, np.int32(0))
             elif self.driver == "scan":
-                state, _ = self.scan_epoch(self.start(params, lanes), pool.data, keys, empty,
-                                           empty, steps=bucket)
+                state, _ = self.scan_epoch(self._begin(params, lanes), data, keys, sizes,
+                                           offsets, steps=bucket)
                 out = self.unstack(state.params, lanes)
             else:
-                state, _ = self.step(self.start(params, lanes), pool.data, plan, np.int32(0),
+                state, _ = self.step(self._begin(params, lanes), data, plan, np.int32(0),
                                      step_keys)
                 out = self.unstack(state.params, lanes)
             jax.block_until_ready(out)
@@ -273,7 +348,7 @@ class CohortTrainer:
         return new
 
     def train(self, params: Any, pool: ClientPool, members: Sequence[int], keys: jax.Array,
-              version: int = 0, epochs: int = 1
+              version: int = 0, epochs: int = 1, keep_state: bool = False
               ) -> tuple[list[Any], list[dict[str, np.ndarray]]]:
         """Trains clients ``members`` of ``pool`` for ``epochs`` epochs, all from ``params``.
 
@@ -286,9 +361,12 @@ class CohortTrainer:
                 ``fdjax.runtime.nodes.Client`` gives ``LocalTrainer.epoch``.
             version: the model version being trained (folded into the keys).
             epochs: local epochs.
+            keep_state: return each member's whole ``TrainState`` (optimizer state included)
+                instead of its parameters, to compare or resume a client's training.
 
         Returns:
-            Each member's trained parameters and summed metrics, in the order of ``members``.
+            Each member's trained parameters (or state) and summed metrics, in the order of
+            ``members``.
         """
         members = np.asarray(members, np.int64)
         trained: list[Any] = [None] * len(members)
@@ -298,9 +376,8 @@ class CohortTrainer:
         for chunk in self.chunks(pool, members):
             rows = members[chunk]
             lanes, steps, bucket = self._shape(pool, rows)
-            chunk_keys = self.fold(keys[rows], np.int32(version))
-            out, total = run(params, pool, chunk_keys, pool.sizes[rows], pool.offsets[rows],
-                             steps, bucket, epochs)
+            inputs = self._inputs(pool, rows, keys, version)
+            out, total = run(params, len(rows), *inputs, steps, bucket, epochs, keep_state)
             self._shapes.add((lanes, bucket))
             for position, tree in zip(chunk, out):
                 trained[position] = tree
@@ -310,38 +387,40 @@ class CohortTrainer:
                 metrics[position] = {k: v[lane] for k, v in total.items()}
         return trained, metrics
 
-    def _vmapped(self, params, pool, keys, sizes, offsets, steps, bucket, epochs):
-        lanes = len(sizes)
-        state = self.start(params, lanes)
+    def _vmapped(self, params, count, data, keys, sizes, offsets, steps, bucket, epochs,
+                 keep_state):
+        state = self._begin(params, len(sizes))
         parts = []
         for epoch in range(epochs):
             epoch_keys = self.fold(keys, np.int32(epoch))
             if self.driver == "scan":
-                state, stats = self.scan_epoch(state, pool.data, epoch_keys, sizes, offsets,
+                state, stats = self.scan_epoch(state, data, epoch_keys, sizes, offsets,
                                                steps=bucket)
                 parts.append(stats)
                 continue
-            plan, step_keys = self.plan(epoch_keys, sizes, offsets, self.batch_size, bucket)
+            plan, step_keys = self.plan(epoch_keys, sizes, offsets, batch_size=self.batch_size,
+                                        steps=bucket)
             for step in range(steps):
-                state, stats = self.step(state, pool.data, plan, np.int32(step), step_keys)
+                state, stats = self.step(state, data, plan, np.int32(step), step_keys)
                 parts.append(stats)
-        return self.unstack(state.params, lanes), _sum_metrics(parts)
+        return self.unstack(state if keep_state else state.params, count), _sum_metrics(parts)
 
-    def _sequential(self, params, pool, keys, sizes, offsets, steps, bucket, epochs):
+    def _sequential(self, params, count, data, keys, sizes, offsets, steps, bucket, epochs,
+                    keep_state):
         states = [self.lane_start(params) for _ in sizes]
         parts: list[list] = [[] for _ in sizes]
         for epoch in range(epochs):
             plan, step_keys = self.plan(self.fold(keys, np.int32(epoch)), sizes, offsets,
-                                        self.batch_size, bucket)
+                                        batch_size=self.batch_size, steps=bucket)
             for lane, size in enumerate(sizes):
                 for step in range(training.num_steps(size, self.batch_size)):
-                    states[lane], stats = self.lane_step(states[lane], pool.data, plan,
+                    states[lane], stats = self.lane_step(states[lane], data, plan,
                                                          np.int32(step), step_keys,
                                                          np.int32(lane))
                     parts[lane].append(stats)
         per_lane = [_sum_metrics(p) for p in parts]
-        return [s.params for s in states], jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                                                  *per_lane)
+        out = states if keep_state else [s.params for s in states]
+        return out, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_lane)
 
 
 def _lane_step(step_fn, state: TrainState, data: dict[str, jax.Array],
