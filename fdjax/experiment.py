@@ -61,8 +61,10 @@ class Run:
         events: the node event log (start and end of training, rounds, distillation chunks).
         devices: per device, the (start, end, node) interval of every computation it ran.
         timing: wall seconds of the whole run (``wall_seconds``), of the compiled compute it
-            executed, evaluation included (``compute_seconds``), of the extra first calls
-            that compiled or calibrated programs (``compile_seconds``), with a calibrated
+            executed, evaluation included (``compute_seconds``), of the calls that compiled
+            or calibrated programs (``compile_seconds``: on the virtual clock extra first calls,
+            never charged; on the real clock each new program's first call, time inside the
+            nodes' compute and the round times that was compilation), with a calibrated
             cost the seconds charged per call (``calibrated_seconds_per_call``), and the number
             of checkpoints saved and the seconds the saves took (``checkpoints``,
             ``checkpoint_seconds``).

@@ -8,6 +8,9 @@ to a thread would let the clock jump past it.
 
 **Real clock.** The standard event loop; compute goes to a worker thread
 (``asyncio.to_thread``) so nodes overlap for real, and costs are whatever the wall clock says.
+The first call of each program compiles it there too, inside a node's own time; the clock
+times those calls apart (``Clock.compile_seconds``) so that a reader of the round times can
+tell how much of the first rounds was compilation.
 
 ``Device`` models a machine: a speed (compute costs are divided by it) and a number of slots (how
 many computations it runs at once; nodes on a one-slot device never overlap). ``Clock.compute``
@@ -20,6 +23,7 @@ clients) and charges each node its share.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -95,6 +99,9 @@ _COMPILED: set[Any] = set()
 #: Calibrated wall seconds per call of each program, shared by every run of the process, so all
 #: methods of a comparison are charged the same for the same work.
 _CALIBRATED: dict[Any, float] = {}
+#: The ``program`` of the real-clock compute call the current task is making, for ``run_real``
+#: (a context variable: each node's task has its own, and the Ray clock's override ignores it).
+_PROGRAM: contextvars.ContextVar[Any] = contextvars.ContextVar("fdjax_program", default=None)
 
 
 class Clock:
@@ -108,8 +115,12 @@ class Clock:
         self.virtual = virtual
         self.loop: asyncio.AbstractEventLoop | None = None
         self.origin = 0.0
-        #: Wall seconds spent in compiled compute (charged or not), and in the extra first
-        #: calls that compiled a program; the simulation-overhead benchmark divides by them.
+        #: Wall seconds spent in compiled compute (charged or not), and in the calls that
+        #: compiled a program: on the virtual clock the extra first call of each new program
+        #: (and calibration calls), never charged; on the real clock each new program's first
+        #: call itself, whose seconds pass on the wall clock inside its node's compute, so this
+        #: says how much of that time was compilation (plus one execution). Either way a call
+        #: counts in one of the two, and the simulation-overhead benchmark divides by them.
         self.compute_seconds = 0.0
         self.compile_seconds = 0.0
         #: "node label" -> calibrated seconds per call, for the run's record.
@@ -140,7 +151,8 @@ class Clock:
         compiled programs are shared by every run). A calibrated cost times the first
         ``CALIBRATION_CALLS`` calls of a program and charges their minimum for every call of it;
         ``fn`` must be pure (the nodes' programs are) since it runs more than once. ``label``
-        names the computation in the calibration record.
+        names the computation in the calibration record. On the real clock ``fn`` runs once, in
+        a worker thread, and a new ``program``'s first call counts as compilation.
         """
         result, (charged,) = await self.compute_shared(
             device, fn, cost=cost, examples=[examples], program=program, nodes=[node],
@@ -161,7 +173,7 @@ class Clock:
         after another, in the order given, so its intervals and each node's busy time read as if
         the nodes had run one at a time: ``on_start(i)`` and ``on_end(i, result)`` are called as
         node ``i``'s share starts and ends. On the real clock every share ends when the call
-        does.
+        does, and the first call of a new ``program`` counts in ``compile_seconds``.
 
         Returns:
             ``fn()``'s result and the seconds charged to each node.
@@ -173,7 +185,11 @@ class Clock:
             if not self.virtual:
                 for i in range(len(nodes)):
                     on_start(i)
-                result = await self.run_real(fn)
+                token = _PROGRAM.set(program)
+                try:
+                    result = await self.run_real(fn)
+                finally:
+                    _PROGRAM.reset(token)
                 shares = _split(self.now() - start, examples)
                 for i, share in enumerate(shares):
                     device.intervals.append((start, start + share, nodes[i]))
@@ -198,9 +214,18 @@ class Clock:
     async def run_real(self, fn: Callable[[], Any]) -> Any:
         """Runs ``fn()`` on the real clock without blocking the event loop: in a worker thread.
 
-        The Ray backend's clock overrides this to await the actor call ``fn`` submits instead.
+        The first call of a program new to the process (``_PROGRAM``, set by
+        ``compute_shared``) compiles it, so its seconds go to ``compile_seconds``, not
+        ``compute_seconds``; the program is claimed on the loop's thread before the call, so
+        of several nodes starting one new program at once only the first counts. The Ray
+        backend's clock overrides this to await the actor call ``fn`` submits instead: its
+        actors compile while they are placed, before the clock starts.
         """
-        result, _ = await asyncio.to_thread(self.timed, fn)
+        program = _PROGRAM.get()
+        first = program is not None and program not in _COMPILED
+        if first:
+            _COMPILED.add(program)
+        result, _ = await asyncio.to_thread(self.timed, fn, first)
         return result
 
     def _charge(self, fn: Callable[[], Any], cost: Cost, program: Any, name: str
@@ -226,8 +251,9 @@ class Clock:
     def timed(self, fn: Callable[[], Any], compiling: bool = False) -> tuple[Any, float]:
         """Runs ``fn()`` to completion; returns its result and wall seconds.
 
-        The seconds are added to ``compute_seconds``, or to ``compile_seconds`` for a call made
-        only to compile or calibrate.
+        The seconds are added to ``compute_seconds``, or with ``compiling`` to
+        ``compile_seconds``: a call made only to compile or calibrate (virtual clock), or a new
+        program's first call (real clock).
         """
         start = time.perf_counter()
         result = jax.block_until_ready(fn())

@@ -100,3 +100,50 @@ def test_fixed_costs_charge_forward_distillation_and_large_clients_their_own_rat
                                           "cost.large_client_seconds_per_example=0.03"]))
     per_client = (240 - 48) // 3  # TINY: data.limit minus the proxy, over three clients
     assert spans(large, "client0") == pytest.approx([per_client * 0.03] * len(spans(large, "client0")))
+
+
+def first_calls(virtual: bool, durations: list[float], programs: list):
+    """Computes once per entry of ``programs`` on one clock; each call of ``fn`` sleeps the
+    next duration. Returns the clock, the charges and how many times ``fn`` ran."""
+    clock = Clock(virtual=virtual)
+    loop = clock.new_loop()
+    pending = list(durations)
+
+    def fn():
+        time.sleep(pending.pop(0))
+
+    async def main():
+        device = Device("d")
+        return [(await clock.compute(device, fn, cost=Cost("measured"), program=p, node="n"))[1]
+                for p in programs]
+
+    try:
+        charged = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return clock, charged, len(durations) - len(pending)
+
+
+def test_both_clocks_report_each_programs_first_call_as_compile_seconds():
+    # virtual: the first call is an extra one, never charged; its seconds are compile_seconds
+    clock, charged, ran = first_calls(True, [0.3, 0.02, 0.05], ["p", "p"])
+    assert ran == 3 and len(charged) == 2 and max(charged) < 0.25
+    assert 0.3 <= clock.compile_seconds < 0.3 + 0.2 and clock.compute_seconds < 0.25
+    # real: the first call is the node's own, charged on the wall clock, and counted apart
+    # from compute; later calls, calls of no program and a second program's first call too
+    # (programs new to the process: "p" has had its first call above)
+    clock, charged, ran = first_calls(False, [0.3, 0.02, 0.05, 0.2], ["r", "r", None, "s"])
+    assert ran == 4 and charged[0] >= 0.3 and charged[3] >= 0.2
+    assert 0.5 <= clock.compile_seconds < 0.5 + 0.2
+    assert 0.07 <= clock.compute_seconds < 0.25
+
+
+def test_a_real_clock_run_reports_its_compilation_and_a_second_run_none():
+    # shapes of no other test (batch 24, 252 examples); programs are new to the clock here (the
+    # fixture), so the first run's first calls compile; the second run reuses its programs
+    config = load_config(None, TINY + ["method=sync", "clock=real", "stop.time_budget=none",
+                                       "stop.max_rounds=2", "data.limit=252",
+                                       "clients.batch_size=24"])
+    first, second = run(config), run(config)
+    assert first.timing["compile_seconds"] > 0 and first.timing["compute_seconds"] > 0
+    assert second.timing["compile_seconds"] == 0 and second.timing["compute_seconds"] > 0
