@@ -27,7 +27,9 @@ from fdjax.experiment import run
 from tests.runtime.test_methods import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET, INTERVAL = 10.0, 1.0
+# Long enough that a run with every program already compiled (the shared cache) on a quiet
+# machine still outlasts the kill delays below; at 10 s it could finish before its third kill.
+BUDGET, INTERVAL = 20.0, 1.0
 SETTINGS = TINY + [f"stop.time_budget={BUDGET}", f"stop.eval_interval={INTERVAL}",
                    "checkpoint.every_rounds=2", "method=async-continuous"]
 
@@ -72,8 +74,8 @@ def test_sigkill_at_random_moments_and_resume_until_done(tmp_path, request):
     # kill 1: a random moment after the first checkpoint; kill 2: a random moment soon after
     # the restart (imports, restore); kill 3: a random moment after the resumed run's first own
     # checkpoint
-    for after_progress, delay in ((True, rng.uniform(0, 1.5)), (False, rng.uniform(0, 3.0)),
-                                  (True, rng.uniform(0, 1.5))):
+    for after_progress, delay in ((True, rng.uniform(0, 0.75)), (False, rng.uniform(0, 3.0)),
+                                  (True, rng.uniform(0, 0.75))):
         step_at_start = checkpoint_rows(out)[0] if out.exists() else 0
         if after_progress:
             wait_for(lambda: proc.poll() is not None or (
