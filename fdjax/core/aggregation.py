@@ -175,8 +175,9 @@ def clip_update(reference: Any, update: Any, max_norm: float) -> Any:
     deltas = jax.tree_util.tree_map(lambda u, r: u.astype(jnp.float32) - r.astype(jnp.float32),
                                     update, reference)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in jax.tree_util.tree_leaves(deltas)))
-    # The clipped change has norm max_norm up to one rounding of each coordinate of r + s * d.
-    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    # Used only where norm > max_norm; the clipped change has norm max_norm up to one rounding
+    # of each coordinate of r + scale * d.
+    scale = max_norm / jnp.maximum(norm, 1e-30)
     return jax.tree_util.tree_map(
         lambda u, r, d: jnp.where(norm <= max_norm, u,
                                   (r.astype(jnp.float32) + scale * d).astype(u.dtype)),

@@ -60,8 +60,9 @@ def weighted_mean(values: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
 
     The weights are first scaled by a power of two (exactly) so their largest is in [0.5, 1):
     weights up to float32's largest then neither overflow the sum nor the products. The result
-    is clipped into the range of the clients' values, where the exact mean lies, so identical
-    clients give their value back bit for bit.
+    is clipped into the range of the values of the clients with weight > 0, where the exact mean
+    lies, so identical clients give their value back bit for bit, also beside clients of weight
+    0 (those Multi-Krum leaves out) that hold other values.
 
     Args:
         values: ``[clients, ...]`` float32.
@@ -74,4 +75,6 @@ def weighted_mean(values: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     num_hi, num_lo = pairwise_sum(*two_prod(w_b, values))
     den_hi, den_lo = pairwise_sum(w, jnp.zeros_like(w))
     mean = (num_hi + num_lo) / (den_hi + den_lo)
-    return jnp.clip(mean, jnp.min(values, axis=0), jnp.max(values, axis=0))
+    counted = w_b > 0
+    return jnp.clip(mean, jnp.min(jnp.where(counted, values, jnp.inf), axis=0),
+                    jnp.max(jnp.where(counted, values, -jnp.inf), axis=0))

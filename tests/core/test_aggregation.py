@@ -73,13 +73,19 @@ def test_each_coordinate_lies_within_client_min_and_max(case):
         assert np.all(np.asarray(avg) <= np.asarray(leaf.max(0)) + 1e-4)
 
 
+def streamed(trees, weights) -> agg.StreamingAverage:
+    """The streaming average's state after adding every tree in turn."""
+    state = agg.streaming_init(trees[0], weights[0])
+    for tree, weight in zip(trees[1:], weights[1:]):
+        state = agg.streaming_add(state, tree, weight)
+    return state
+
+
 @settings(deadline=None, max_examples=40)
 @given(clients())
 def test_streaming_equals_batch(case):
     trees, weights, _ = case
-    state = agg.streaming_init(trees[0], weights[0])
-    for tree, weight in zip(trees[1:], weights[1:]):
-        state = agg.streaming_add(state, tree, weight)
+    state = streamed(trees, weights)
     close(agg.streaming_result(state), fedavg(agg.stack_trees(trees), weights))
 
 
@@ -283,7 +289,5 @@ def test_weights_that_do_not_fit_float32_are_rejected_and_huge_ones_that_do_work
 @given(far_light_clients())
 def test_streaming_is_as_accurate_as_batch(case):
     trees, weights, _ = case
-    state = agg.streaming_init(trees[0], weights[0])
-    for tree, weight in zip(trees[1:], weights[1:]):
-        state = agg.streaming_add(state, tree, weight)
+    state = streamed(trees, weights)
     assert_within_ulps(agg.streaming_result(state, like=trees[0]), trees, weights)

@@ -245,3 +245,12 @@ def test_staleness_parameters_may_be_traced(kind):
         {"w": jnp.zeros(1)}, {"w": jnp.ones(1)}, 6, 0.5, kind=kind, a=1.0, b=2.0)
     expected = {"constant": 0.5, "polynomial": 0.5 / 7, "hinge": 0.5 / 5}[kind]
     np.testing.assert_allclose(mixed["w"], [expected], rtol=1e-6)
+
+
+def test_multi_krum_of_identical_honest_models_gives_that_model_back_exactly():
+    """The clients Multi-Krum leaves out (weight 0) do not widen the average's range."""
+    honest = {"w": jnp.asarray(np.random.default_rng(0).normal(size=1000), jnp.float32)}
+    trees = [honest] * 4 + [{"w": honest["w"] + 500.0}]
+    result = rule_aggregate(agg.stack_trees(trees), np.asarray([1, 2, 3, 4, 1], np.float32),
+                            rule=agg.AggregationRule("multi_krum", num_byzantine=1))
+    chex.assert_trees_all_equal(result, honest)
