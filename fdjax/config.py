@@ -61,6 +61,7 @@ def _f(default: Any = None, check: Callable[[Any], str | None] | None = None, *,
 
 _OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 _PRESETS = ("cnn6", "cnn12")
+_GRADS = ("auto", "xla", "pool", "matmul")  # "auto" and fdjax.core.layers.GRADS (a test keeps them equal)
 
 
 class _Section:
@@ -236,6 +237,10 @@ class ModelsConfig(_Section):
     global_width: float = _f(0.5, _gt(0))
     small_width: float = _f(0.5, _gt(0))
     norm: str = _f("none", _one_of("none", "group", "layer"))
+    # How gradients are computed (fdjax.core.layers): "auto" writes out the max-pool's gradient
+    # where JAX's default backend is the CPU (faster there) and leaves it to XLA elsewhere;
+    # "matmul" writes out the convolutions' weight gradients too; "xla" writes out nothing.
+    grads: str = _f("auto", _one_of(*_GRADS))
 
 
 @dataclass(frozen=True)

@@ -120,8 +120,9 @@ def _program(kind: str, *settings: Any) -> Any:
     once per run.
     """
     if kind == "model":
-        preset, shape, classes, width, norm = settings
-        return make_model(preset, input_shape=shape, num_classes=classes, width=width, norm=norm)
+        preset, shape, classes, width, norm, grads = settings
+        return make_model(preset, input_shape=shape, num_classes=classes, width=width, norm=norm,
+                          grads=grads)
     if kind == "trainer":
         model, optimizer, learning_rate, batch_size = settings
         return LocalTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
@@ -221,8 +222,8 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
         rundir.start_fresh(config_to_toml(config))
     m = config.models
     shape, classes = splits.train.image_shape, splits.train.num_classes
-    large_spec = (m.global_preset, shape, classes, m.global_width, m.norm)
-    small_spec = (m.small_preset, shape, classes, m.small_width, m.norm)
+    large_spec = (m.global_preset, shape, classes, m.global_width, m.norm, m.grads)
+    small_spec = (m.small_preset, shape, classes, m.small_width, m.norm, m.grads)
     large = _program("model", *large_spec)
     client_spec = small_spec if method.clients_train == "small" else large_spec
     client_model = _program("model", *client_spec)

@@ -49,6 +49,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdjax.core.layers import Conv, max_pool_2x2, resolve_grads
+
 #: Convolution stages (channels per conv, one tuple per pooling stage) and hidden dense widths.
 PRESETS: dict[str, dict[str, Any]] = {
     "cnn6": {"stages": ((32, 32), (64, 64)), "hidden": (256,)},
@@ -71,6 +73,9 @@ class CNN(nn.Module):
         num_classes: number of output logits.
         norm: "none", "group" (GroupNorm, up to 8 groups) or "layer" after each convolution.
         dtype: computation dtype (parameters stay float32).
+        grads: "xla" (XLA's own gradients), "pool" (the max-pool's gradient written out,
+            ``fdjax.core.layers``: the same values, several times faster on XLA CPU) or "matmul"
+            (the convolutions' weight gradients written out too); the forward pass is the same.
     """
 
     stages: Sequence[Sequence[int]]
@@ -78,6 +83,7 @@ class CNN(nn.Module):
     num_classes: int
     norm: str = "none"
     dtype: Any = jnp.float32
+    grads: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -87,20 +93,28 @@ class CNN(nn.Module):
         x = (x.astype(self.dtype) - 0.5) / 0.25
         for stage in self.stages:
             for channels in stage:
-                x = nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype,
-                            kernel_init=nn.initializers.he_normal())(x)
+                x = self._conv(channels)(x)
                 if self.norm == "group":
                     x = nn.GroupNorm(num_groups=_groups(channels), dtype=self.dtype)(x)
                 elif self.norm == "layer":
                     x = nn.LayerNorm(dtype=self.dtype)(x)
                 x = nn.relu(x)
             if x.shape[-2] >= 2 and x.shape[-3] >= 2:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = (max_pool_2x2(x) if self.grads in ("pool", "matmul")
+                     else nn.max_pool(x, (2, 2), strides=(2, 2)))
         x = x.reshape(x.shape[:-3] + (-1,))
         for width in self.hidden:
             x = nn.relu(nn.Dense(width, dtype=self.dtype,
                                  kernel_init=nn.initializers.he_normal())(x))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+    def _conv(self, channels: int) -> nn.Module:
+        # Both layers are named Conv_<n> and hold the same parameters, so the choice of gradient
+        # never changes a parameter tree, a checkpoint or an initial value.
+        if self.grads == "matmul":
+            return Conv(channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.he_normal())
+        return nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype,
+                       kernel_init=nn.initializers.he_normal())
 
 
 def _groups(channels: int) -> int:
@@ -137,7 +151,8 @@ class Model:
 
 
 def make_model(preset: str, *, input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
-               width: float = 1.0, norm: str = "none", dtype: Any = jnp.float32) -> Model:
+               width: float = 1.0, norm: str = "none", dtype: Any = jnp.float32,
+               grads: str = "auto") -> Model:
     """Builds a preset of the CNN family.
 
     Args:
@@ -147,6 +162,9 @@ def make_model(preset: str, *, input_shape: Sequence[int] = (32, 32, 3), num_cla
         width: multiplier of every conv's channels and of the hidden dense layer; > 0.
         norm: "none", "group" or "layer".
         dtype: computation dtype.
+        grads: how gradients are computed: "auto" (the default: "pool" where JAX's default
+            backend is the CPU, where it trains faster, "xla" elsewhere), "xla", "pool" or
+            "matmul" (see ``fdjax.core.layers``). Parameters and forward values do not depend on it.
 
     Raises:
         ValueError: for an unknown preset or norm, or an input, class count or width out of range.
@@ -163,11 +181,12 @@ def make_model(preset: str, *, input_shape: Sequence[int] = (32, 32, 3), num_cla
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if not width > 0:
         raise ValueError(f"width multiplier must be > 0, got {width}")
+    grads = resolve_grads(grads)
     spec = PRESETS[preset]
     module = CNN(
         stages=tuple(tuple(_scaled(c, width) for c in stage) for stage in spec["stages"]),
         hidden=tuple(_scaled(h, width) for h in spec["hidden"]),
-        num_classes=int(num_classes), norm=norm, dtype=dtype)
+        num_classes=int(num_classes), norm=norm, dtype=dtype, grads=grads)
     return Model(preset, module, shape, int(num_classes))
 
 

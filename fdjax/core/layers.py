@@ -1,0 +1,158 @@
+"""A convolution and a max-pool whose gradients XLA CPU computes several times faster.
+
+The forward values are XLA's own; only the backward pass is written out, because XLA CPU is slow
+at two gradients the CNN family needs on every step:
+
+* **A convolution's weight gradient.** XLA CPU lowers it to a convolution whose kernel is the
+  whole output-gradient map (32x32 at CIFAR resolution), which its convolution runtime handles
+  poorly: on this project's 2-core CPU a 3x3, 32->32 channel convolution on a batch of 64 took
+  about 22 ms forward and 23 ms for the input gradient, but 110-410 ms for the weight gradient.
+  Written as one matrix product per kernel tap (``kh * kw`` products of the shifted input,
+  ``(N*H*W, C_in)^T @ (N*H*W, C_out)``) the same gradient took about 70 ms. (At a batch of 32 the two were about even, and with the
+  YNNPACK kernels that ``fdjax.runtime.compiled`` asks XLA CPU for, XLA's own was faster: so this
+  one is used only with ``grads="matmul"``.)
+* **A max-pool's gradient.** JAX differentiates ``lax.reduce_window`` through a select-and-scatter
+  that took about 43 ms for a 2x2 pool of a (64, 32, 32, 32) map; the gradient written as a one-hot
+  of each window's first maximum, on reshaped windows, took about 9 ms.
+
+Both gradients equal XLA's up to float rounding (the convolution's weight gradient sums in a
+different order: relative differences of about 1e-6); the pool's gradient goes, like XLA's, to
+one maximum of each window. Measured figures and the whole-model effect:
+``experiments/bench_local_training/``. On accelerators XLA's own gradients are fast, so
+``make_model``'s ``grads="auto"`` writes out only the pool's gradient, and only where the default
+backend is the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+#: How the CNN's backward pass is computed: "xla" (XLA's own gradients), "pool" (the max-pool's
+#: written out here) or "matmul" (the pool's and the convolutions' weight gradients written out).
+GRADS = ("xla", "pool", "matmul")
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_grads(grads: str) -> str:
+    """``"auto"`` -> ``"pool"`` on a CPU default backend, ``"xla"`` elsewhere.
+
+    The convolutions' matmul weight gradient ("matmul") is not the CPU default: it wins only with
+    XLA's own CPU dot and convolution kernels, and fdjax compiles its programs with the faster
+    YNNPACK kernels where the installed XLA has them (``fdjax.runtime.compiled``), with which
+    XLA's own weight gradient was faster (``experiments/bench_local_training/``).
+    """
+    if grads == "auto":
+        return "pool" if jax.default_backend() == "cpu" else "xla"
+    if grads not in GRADS:
+        raise ValueError(f"unknown gradient implementation {grads!r}; "
+                         f"choose one of {['auto', *GRADS]}")
+    return grads
+
+
+def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
+
+
+def _same_pads(size: int) -> tuple[int, int]:
+    """XLA's "SAME" padding for stride 1: the extra pixel of an even kernel goes after."""
+    return (size - 1) // 2, size - 1 - (size - 1) // 2
+
+
+def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> jax.Array:
+    """The weight gradient of a stride-1 "SAME" convolution, one matrix product per kernel tap.
+
+    Tap (i, j) of the kernel sees the input shifted by (i, j) in the padded map, so its gradient is
+    ``shifted.reshape(-1, C_in).T @ dy.reshape(-1, C_out)``. The optimization barrier makes XLA
+    copy each shifted view into a contiguous array first: fused into the product as a strided
+    operand, the same product ran several times slower.
+    """
+    height, width, channels = x.shape[-3:]
+    xp = jnp.pad(x, ((0, 0),) * (x.ndim - 3) + (_same_pads(kh), _same_pads(kw), (0, 0)))
+    flat_dy = dy.reshape(-1, dy.shape[-1])
+    taps = [[lax.optimization_barrier(
+                xp[..., i:i + height, j:j + width, :].reshape(-1, channels)).T @ flat_dy
+             for j in range(kw)] for i in range(kh)]
+    return jnp.stack([jnp.stack(row) for row in taps])
+
+
+@jax.custom_vjp
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A stride-1 "SAME" convolution, NHWC input and HWIO kernel, with the matmul weight gradient."""
+    return _conv(x, kernel)
+
+
+def _conv_same_fwd(x, kernel):
+    return _conv(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda v: _conv(v, kernel), x)[1](dy)[0]
+    dk = _kernel_grad(x, dy, kernel.shape[0], kernel.shape[1]).astype(kernel.dtype)
+    return dx, dk
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    """(..., H, W, C) -> (..., H//2, W//2, C, 4): the 2x2 windows of a VALID pool, last axis."""
+    *lead, height, width, channels = x.shape
+    h2, w2 = height // 2, width // 2
+    x = x[..., :2 * h2, :2 * w2, :].reshape(*lead, h2, 2, w2, 2, channels)
+    n = len(lead)
+    return jnp.moveaxis(x, (n + 1, n + 3), (-2, -1)).reshape(*lead, h2, w2, channels, 4)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2 and VALID padding (an odd last row or column is dropped)."""
+    return _windows(x).max(axis=-1)
+
+
+def _max_pool_fwd(x):
+    return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, dy):
+    windows = _windows(x)
+    first = jnp.argmax(windows, axis=-1)
+    grads = jnp.where(jnp.arange(4) == first[..., None], dy[..., None], 0).astype(x.dtype)
+    *lead, h2, w2, channels, _ = grads.shape
+    n = len(lead)
+    grads = grads.reshape(*lead, h2, w2, channels, 2, 2)
+    grads = jnp.moveaxis(grads, (-2, -1), (n + 1, n + 3)).reshape(*lead, 2 * h2, 2 * w2, channels)
+    height, width = x.shape[-3:-1]
+    pads = ((0, 0),) * n + ((0, height - 2 * h2), (0, width - 2 * w2), (0, 0))
+    return (jnp.pad(grads, pads),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+class Conv(nn.Module):
+    """``nn.Conv(features, kernel_size, padding="SAME")`` with the matmul weight gradient.
+
+    Same parameter names, shapes and initialisers as ``nn.Conv``, so a parameter tree made by one
+    loads into the other.
+    """
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = tuple(self.kernel_size) + (x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv_same(x, kernel) + bias

@@ -1,0 +1,96 @@
+"""The written-out convolution and pool gradients equal XLA's, and change nothing else."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fdjax.config import ModelsConfig, _GRADS
+from fdjax.core import make_model
+from fdjax.core.layers import GRADS, Conv, conv_same, max_pool_2x2, resolve_grads
+
+
+def _rel(a, b):
+    return float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30))
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 2), (1, 3), (5, 5)])
+@pytest.mark.parametrize("shape", [(4, 9, 9, 3), (2, 7, 10, 5), (3, 1, 1, 2)])
+def test_convolution_gradients_equal_xlas(kernel, shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel + (shape[-1], 4))
+    dy = jax.random.normal(jax.random.key(2), shape[:-1] + (4,))
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    both = jax.jit(lambda f, x, w, dy: (lambda out, vjp: (out, vjp(dy)))(*jax.vjp(f, x, w)),
+                   static_argnums=0)
+    (out, grads), (ref_out, ref_grads) = both(conv_same, x, w, dy), both(ref, x, w, dy)
+    assert (out == ref_out).all()
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert _rel(got, want) < 1e-5
+
+
+def test_convolution_gradient_under_vmap_as_a_cohort_takes_it():
+    xs = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 3))
+    ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 6))
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    grad = lambda f: jax.vmap(jax.grad(lambda w, x: (f(x, w) ** 2).sum()))
+    assert _rel(jax.jit(grad(conv_same))(ws, xs), grad(ref)(ws, xs)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 3, 2, 1)])
+def test_pool_values_and_gradients_equal_flax_even_with_ties(shape):
+    # Small integers make ties inside windows common; the gradient must pick the same maximum.
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape).astype(np.float32))
+    weights = jnp.arange(1.0, 1.0 + shape[-1])
+    ref = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+    assert (max_pool_2x2(x) == ref(x)).all()
+    got = jax.grad(lambda v: (max_pool_2x2(v) * weights).sum())(x)
+    want = jax.grad(lambda v: (ref(v) * weights).sum())(x)
+    assert (got == want).all()
+
+
+@pytest.mark.parametrize("preset,shape", [("cnn6", (16, 16, 3)), ("cnn12", (10, 10, 1))])
+@pytest.mark.parametrize("grads", ["pool", "matmul"])
+def test_models_have_the_same_parameters_values_and_gradients_either_way(preset, shape, grads):
+    xla = make_model(preset, input_shape=shape, width=0.25, grads="xla")
+    mat = make_model(preset, input_shape=shape, width=0.25, grads=grads)
+    assert (xla.module.grads, mat.module.grads) == ("xla", grads)
+    p_xla, p_mat = xla.init(jax.random.key(0)), mat.init(jax.random.key(0))
+    assert jax.tree_util.tree_structure(p_xla) == jax.tree_util.tree_structure(p_mat)
+    assert all((a == b).all() for a, b in zip(jax.tree_util.tree_leaves(p_xla),
+                                              jax.tree_util.tree_leaves(p_mat)))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8,) + shape, np.uint8))
+    labels = jnp.arange(8) % 10
+    assert (xla.apply_fn(p_xla, images) == mat.apply_fn(p_xla, images)).all()
+    loss = lambda model: jax.jit(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply_fn(p, images), labels).mean()))
+    g_xla, g_mat = loss(xla)(p_xla), loss(mat)(p_xla)
+    for a, b in zip(jax.tree_util.tree_leaves(g_mat), jax.tree_util.tree_leaves(g_xla)):
+        assert _rel(a, b) < 1e-4
+
+
+def test_conv_layer_keeps_dtype_and_flax_names():
+    layer = Conv(4, (3, 3), dtype=jnp.bfloat16)
+    params = layer.init(jax.random.key(0), jnp.zeros((1, 8, 8, 2)))
+    assert jax.tree_util.tree_map(jnp.shape, params) == {
+        "params": {"kernel": (3, 3, 2, 4), "bias": (4,)}}
+    assert layer.apply(params, jnp.ones((1, 8, 8, 2))).dtype == jnp.bfloat16
+    grads = jax.grad(lambda p: layer.apply(p, jnp.ones((1, 8, 8, 2))).astype(jnp.float32).sum())(
+        params)
+    assert grads["params"]["kernel"].dtype == jnp.float32
+
+
+def test_auto_writes_gradients_out_on_cpu_only_and_bad_names_are_refused():
+    assert resolve_grads("auto") == ("pool" if jax.default_backend() == "cpu" else "xla")
+    assert make_model("cnn6").module.grads == resolve_grads("auto")
+    with pytest.raises(ValueError, match="unknown gradient implementation 'fast'"):
+        make_model("cnn6", grads="fast")
+    assert _GRADS == ("auto",) + GRADS
+    assert ModelsConfig().grads == "auto"
+    with pytest.raises(ValueError, match="grads"):
+        ModelsConfig(grads="fast")
