@@ -9,7 +9,7 @@ How an epoch (or a distillation chunk) is driven is a per-backend choice made by
 
 * ``"loop"``: a Python loop dispatches one compiled step per batch. The data and the shuffled
   index plan stay on the device; each dispatch passes only the step number. On XLA CPU this is
-  the fast way: a training step inside ``lax.scan`` ran 12x (cnn6) to 20x (cnn12) slower than the
+  the fast way: a training step inside ``lax.scan`` ran 64x (cnn6) to 70x (cnn12) slower than the
   same step dispatched from Python (see the benchmark's recorded figures).
 * ``"scan"``: the whole epoch or chunk is one ``lax.scan`` call, which saves per-step dispatch on
   GPU and TPU.

@@ -102,3 +102,31 @@ def test_trace_guard_catches_a_recompile(counted):
     smaller = {k: v[:40] for k, v in data.items()}  # a new data shape forces a retrace
     with pytest.raises(AssertionError, match="traced > 1 times"):
         trainer.epoch(state, smaller, jax.random.key(0))
+
+
+def test_cpu_programs_compile_with_the_ynnpack_option_and_it_can_be_turned_off(monkeypatch):
+    """On CPU every program gets CPU_COMPILER_OPTIONS (where this XLA knows them); the same epoch
+    then ends where it ends without them, to float rounding; FDJAX_XLA_CPU_OPTIONS=0 drops them."""
+    if jax.default_backend() != "cpu":
+        assert compiled.compiler_options() == {}
+        return
+    assert compiled.compiler_options() == compiled.CPU_COMPILER_OPTIONS
+    model = make_model("cnn6", input_shape=(8, 8, 1), width=0.25)
+    data = as_device_data(load_synthetic(64, (8, 8, 1), 10, seed=0).arrays())
+    real_jit, seen, ends = jax.jit, [], []
+    monkeypatch.setattr(jax, "jit", lambda fn, **kw: (seen.append(kw.get("compiler_options")),
+                                                      real_jit(fn, **kw))[1])
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("FDJAX_XLA_CPU_OPTIONS", enabled)
+        seen.clear()
+        trainer = LocalTrainer(model, make_optimizer(), 16)
+        assert seen and all(o == (compiled.CPU_COMPILER_OPTIONS if enabled == "1" else None)
+                            for o in seen)
+        state, stats = trainer.epoch(trainer.init(model.init(jax.random.key(0))), data,
+                                     jax.random.key(1))
+        ends.append((state.params, float(stats["loss_sum"])))
+    assert compiled.compiler_options() == {}
+    # Adam normalises each gradient, so float-rounding differences reach about lr per step.
+    for a, b in zip(jax.tree_util.tree_leaves(ends[0][0]), jax.tree_util.tree_leaves(ends[1][0])):
+        np.testing.assert_allclose(a, b, atol=1e-2)
+    assert abs(ends[0][1] - ends[1][1]) <= 1e-3 * abs(ends[1][1])
