@@ -6,12 +6,17 @@ throughput does not depend on pixel values) with Adam and prints images/s of:
 * ``fdjax``: ``fdjax.runtime.LocalTrainer.epoch`` with the backend's default driver;
 * ``bare``: a hand-written loop over the same Flax module and optax optimizer: one ``jax.jit``-ed
   step, batches sliced from a device array by a host-side permutation;
+* ``xla-grads``: fdjax with XLA's own gradients (``make_model(..., grads="xla")``), to show what
+  the written-out convolution and pool gradients of ``fdjax.core.layers`` give on this backend;
+* ``torch``: the same CNN in PyTorch (same layers, He-normal convolutions, Adam lr 1e-3, the same
+  uint8 scaling, channels-last, ``torch.set_num_threads(os.cpu_count())``), when ``torch`` is
+  importable (it is not a dependency of fdjax);
 * ``fdjax-loop`` / ``fdjax-scan``: both drivers forced, to show why the default is what it is
   (on CPU the scan driver is so slow that it runs only ``--scan-steps`` steps).
 
-fdjax and bare epochs alternate in ABBA order (``--repeats`` of each) so drift on a shared machine
-hits both; medians are reported, and the ratio is the median of the paired ratios fdjax / bare
-(target >= 0.95).
+The sides alternate epoch by epoch in rotating order (``--repeats`` of each) so drift on a shared
+machine hits all of them; medians are reported, and each ratio is the median of the paired ratios
+fdjax / side (target against bare >= 0.95).
 
     python experiments/bench_local_training/bench_local_training.py --out results_cpu.json
 """
@@ -96,24 +101,81 @@ def time_bare(model, data, batch_size, epochs=1):
     return run
 
 
+def time_torch(preset, width, host, batch_size, epochs=1):
+    """The same CNN, optimizer and batches in PyTorch (channels-last, all cores); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from fdjax.core.models import PRESETS, _scaled
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    layers, c_in, size = [], host["images"].shape[-1], host["images"].shape[1]
+    for stage in PRESETS[preset]["stages"]:
+        for channels in stage:
+            conv = torch.nn.Conv2d(c_in, _scaled(channels, width), 3, padding=1)
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            layers += [conv, torch.nn.ReLU()]
+            c_in = _scaled(channels, width)
+        layers.append(torch.nn.MaxPool2d(2))
+        size //= 2
+    hidden = _scaled(PRESETS[preset]["hidden"][0], width)
+    layers += [torch.nn.Flatten(), torch.nn.Linear(c_in * size * size, hidden), torch.nn.ReLU(),
+               torch.nn.Linear(hidden, 10)]
+    net = torch.nn.Sequential(*layers).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    images = torch.from_numpy(host["images"]).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+    labels = torch.from_numpy(host["labels"]).long()
+    n = labels.shape[0]
+
+    def epoch():
+        for idx in torch.randperm(n).split(batch_size):
+            if idx.shape[0] < batch_size:
+                break
+            x = (images[idx].float() / 255.0 - 0.5) / 0.25
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)),
+                                              labels[idx]).backward()
+            opt.step()
+
+    epoch()  # warm-up
+
+    def run():
+        start = time.perf_counter()
+        for _ in range(epochs):
+            epoch()
+        return epochs * (n // batch_size) * batch_size / (time.perf_counter() - start)
+
+    return run
+
+
 def bench_preset(preset, args):
     model = make_model(preset, width=args.width)
     host = random_data(args.images)
     data = as_device_data(host)
     result = {"preset": preset, "width": args.width, "images": args.images,
-              "batch_size": args.batch_size}
-    fdjax_run = time_fdjax(model, data, args.batch_size, "auto")
-    bare_run = time_bare(model, data, args.batch_size)
-    samples = {"fdjax": [], "bare": []}
-    runs = {"fdjax": fdjax_run, "bare": bare_run}
+              "batch_size": args.batch_size, "grads_auto": model.module.grads}
+    runs = {"fdjax": time_fdjax(model, data, args.batch_size, "auto"),
+            "bare": time_bare(model, data, args.batch_size)}
+    if model.module.grads != "xla":
+        xla_model = make_model(preset, width=args.width, grads="xla")
+        runs["xla-grads"] = time_fdjax(xla_model, data, args.batch_size, "auto")
+    if not getattr(args, "no_torch", False):
+        torch_run = time_torch(preset, args.width, host, args.batch_size)
+        if torch_run is not None:
+            runs["torch"] = torch_run
+    samples = {name: [] for name in runs}
+    names = list(runs)
     for repeat in range(args.repeats):
-        # ABBA order: slow drift of a shared machine hits both sides equally.
-        for name in (("fdjax", "bare") if repeat % 2 == 0 else ("bare", "fdjax")):
+        # Rotating order: slow drift of a shared machine hits every side alike.
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             samples[name].append(runs[name]())
     for name, values in samples.items():
         result[name] = statistics.median(values)
         result[name + "_samples"] = [round(v, 1) for v in values]
-    result["ratio"] = statistics.median(f / b for f, b in zip(samples["fdjax"], samples["bare"]))
+    for name in names[1:]:
+        key = "ratio" if name == "bare" else "ratio_" + name.replace("-", "_")
+        result[key] = statistics.median(f / b for f, b in zip(samples["fdjax"], samples[name]))
     result["driver_auto"] = LocalTrainer(model, make_optimizer(), args.batch_size).driver
     for driver in ("loop", "scan"):
         if driver == result["driver_auto"]:
@@ -128,6 +190,18 @@ def bench_preset(preset, args):
     return result
 
 
+def cpu_model() -> str:
+    """The CPU's model name (figures differ between hosts: record which one ran them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="cnn6,cnn12")
@@ -137,11 +211,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--scan-steps", type=int, default=4,
                         help="steps of the scan driver on CPU, where it is very slow")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the PyTorch reference even where torch is importable")
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
     device = jax.devices()[0]
     report = {"backend": jax.default_backend(), "device": device.device_kind,
               "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "cpu_model": cpu_model(), "load_average_before": os.getloadavg(),
               "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "results": []}
     for preset in args.presets.split(","):
@@ -152,6 +229,11 @@ def main():
               f"[{result['driver_auto']}], bare loop {result['bare']:.1f} img/s, "
               f"ratio {result['ratio']:.3f}; drivers: loop {result['fdjax-loop']:.1f}, "
               f"scan {result['fdjax-scan']:.1f} img/s", flush=True)
+        for name in ("xla-grads", "torch"):
+            if name in result:
+                print(f"    {name} {result[name]:.1f} img/s, fdjax / {name} "
+                      f"{result['ratio_' + name.replace('-', '_')]:.3f}", flush=True)
+    report["load_average_after"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
