@@ -54,8 +54,10 @@ def device_peak_mb() -> float | None:
     return None if peak is None else peak / 2 ** 20
 
 
-def bench_k(k: int, params, local: LocalTrainer, cohorts: dict[str, CohortTrainer], args
-            ) -> dict:
+def bench_k(k: int, params, local: LocalTrainer, cohorts: dict[str, CohortTrainer], args,
+            ways: tuple[str, ...] = ("vmap", "sequential")) -> dict:
+    """One K: the loop and each of ``ways`` (keys of ``cohorts``, so a caller can add a
+    sharded trainer), compiled, then timed in rotating order."""
     shape = tuple(int(s) for s in args.shape.split(","))
     host = clients_data(k, shape)
     keys = jax.random.split(jax.random.key(1), k)
@@ -82,7 +84,7 @@ def bench_k(k: int, params, local: LocalTrainer, cohorts: dict[str, CohortTraine
             return k / (time.perf_counter() - start)
         return train
 
-    runs = {"loop": loop, "vmap": cohort("vmap"), "sequential": cohort("sequential")}
+    runs = {"loop": loop, **{way: cohort(way) for way in ways}}
     first_pass = {}
     for name, fn in runs.items():
         start = time.perf_counter()
