@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "bench_local_training"))
+from bench_local_training import cpu_model  # noqa: E402  (the one record of a host's CPU)
+
 SCRATCH_PYTHON = HERE / ".scratch" / "bin" / "python"
 
 
@@ -77,7 +80,7 @@ def main():
         raise SystemExit(f"no scratch environment: run {HERE / 'setup_scratch.sh'} first")
     if not args.data.exists():
         export_data(args.data, args.test_limit)
-    report = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu_model": _cpu(),
+    report = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu_model": cpu_model(),
               "load_average_before": os.getloadavg(), "rounds": args.rounds, "runs": []}
     for schedule in args.schedules.split(","):
         for repeat in range(args.repeats):
@@ -105,16 +108,6 @@ def summarize(runs: list[dict]) -> dict:
                for lib in ("fdjax", "flower")}
         out[schedule] = {**med, "ratio": med["fdjax"] / med["flower"]}
     return out
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
