@@ -1,6 +1,7 @@
 """The ``fdjax`` command.
 
-``fdjax info`` prints the version, JAX's backend and devices and the compiled-epoch driver in use.
+``fdjax info`` prints the version, JAX's backend and devices and the compiled-epoch driver in use;
+``fdjax methods`` the registered methods (``fdjax.methods``), each with its loop in one line.
 ``fdjax train`` trains one model of the CNN family on one dataset (the embedded offline digits by
 default): a quick check that the compiled core learns on this machine, with a progress bar.
 ``fdjax run --resume DIR`` continues a killed run from its newest usable checkpoint, and
@@ -35,6 +36,15 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  device {device.id}: {device.device_kind} ({device.platform})")
     print(f"epoch driver (auto): {resolve_driver('auto')}")
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '') or '(none)'}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from fdjax.methods import METHODS
+
+    width = max(len(name) for name in METHODS)
+    for name, method in METHODS.items():
+        print(f"{name:<{width}}  {method.summary}{'  [paper]' if method.paper else ''}")
     return 0
 
 
@@ -221,19 +231,26 @@ def _add_config_args(parser: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fdjax.methods import names, paper_methods
+
+    method_names, paper = names(), paper_methods()
     parser = argparse.ArgumentParser(prog="fdjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, JAX backend and devices").set_defaults(fn=_info)
+    sub.add_parser("methods", help="the registered methods, each with its loop in one line"
+                   ).set_defaults(fn=_methods)
     run = sub.add_parser("run", help="run one method")
     _add_config_args(run, "runs/run")
-    run.add_argument("--method", default=None, help="method name (overrides the config)")
+    run.add_argument("--method", default=None, choices=method_names,
+                     help="method name (overrides the config); `fdjax methods` lists them")
     run.add_argument("--resume", default=None, metavar="DIR",
                      help="continue the killed run in DIR from its newest usable checkpoint")
     run.set_defaults(fn=_run)
     compare = sub.add_parser("compare", help="run several methods and compare them")
     _add_config_args(compare, "runs/compare")
     compare.add_argument("--methods", default=None,
-                         help="comma-separated methods (default: the paper's four)")
+                         help="comma-separated methods (default: the paper's four: "
+                              f"{','.join(paper)}; `fdjax methods` lists them all)")
     compare.add_argument("--seeds", type=int, default=None, help="seeds per method (default 1)")
     compare.add_argument("--target", type=float, default=None,
                          help="accuracy the table times (default: stop.target_accuracy, else "

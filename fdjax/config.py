@@ -17,6 +17,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fdjax.core.aggregation import AGGREGATION_RULES, STALENESS_KINDS
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 _NONE_WORDS = ("none", "null")
@@ -57,6 +59,12 @@ def _f(default: Any = None, check: Callable[[Any], str | None] | None = None, *,
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _method_names() -> tuple[str, ...]:
+    from fdjax.methods import names  # imported on first use: the methods import the runtime
+
+    return names()
 
 
 _OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
@@ -271,7 +279,7 @@ class DistillConfig(_Section):
     optimizer: str = _f("adam", _one_of(*_OPTIMIZERS))
     learning_rate: float = _f(1e-3, _gt(0))
     mix_alpha: float = _f(0.5, _within(0, 1))
-    staleness: str = _f("polynomial", _one_of("constant", "polynomial", "hinge"))
+    staleness: str = _f("polynomial", _one_of(*STALENESS_KINDS))
     # The staleness function's parameters (Xie et al. 2019): polynomial (1 + s)^-a; hinge 1 up
     # to staleness b, then 1 / (a (s - b) + 1).
     staleness_a: float = _f(0.5, _gt(0))
@@ -324,7 +332,7 @@ class AggregationConfig(_Section):
     """
 
     _section: ClassVar[str] = "aggregation"
-    rule: str = _f("fedavg", _one_of("fedavg", "median", "trimmed_mean", "krum", "multi_krum"))
+    rule: str = _f("fedavg", _one_of(*AGGREGATION_RULES))
     trim_fraction: float = _f(0.1, lambda v: None if 0 <= v < 0.5
                               else f"must be in [0, 0.5), got {v!r}")
     # Krum and Multi-Krum (Blanchard et al. 2017): the Byzantine clients f they withstand (their
@@ -338,6 +346,16 @@ class AggregationConfig(_Section):
     clip_norm: float | None = _f(None, _gt(0))
     round_timeout: float | None = _f(None, _gt(0))
     quorum: int = _f(1, _ge(1))
+    # fedbuff only (Nguyen et al. 2022): publish a model after every buffer_size updates, each
+    # weighted by the staleness function of how many versions it is behind (constant,
+    # polynomial (1 + s)^-a, hinge: 1 up to b, then 1 / (a (s - b) + 1)); drop updates more
+    # than max_staleness versions behind (unset: keep all); server_learning_rate scales the step.
+    buffer_size: int = _f(2, _ge(1))
+    max_staleness: int | None = _f(None, _ge(0))
+    staleness: str = _f("polynomial", _one_of(*STALENESS_KINDS))
+    staleness_a: float = _f(0.5, _gt(0))
+    staleness_b: float = _f(4.0, _ge(0))
+    server_learning_rate: float = _f(1.0, _gt(0))
 
 
 @dataclass(frozen=True)
@@ -488,8 +506,9 @@ _SECTIONS: dict[str, type[_Section]] = {
 class Config(_Section):
     """The whole run: method, clock, seed and one instance of each section."""
 
-    method: str = _f("async-continuous", _one_of(
-        "sync-fwd", "sync", "async-round", "async-continuous", "async-fwd", "fedavg-large"))
+    # One of the registered methods (fdjax.methods: one module each; a researcher's own
+    # method is registered by its module before the config is built).
+    method: str = _f("async-continuous", lambda v: _one_of(*_method_names())(v))
     clock: str = _f("virtual", _one_of("virtual", "real"))
     # Where the nodes run: "inprocess" (asyncio tasks and threads of this process) or "ray"
     # (each node's computation in a Ray actor; see [ray]).
@@ -508,6 +527,11 @@ class Config(_Section):
     ray: RayConfig = _f(factory=RayConfig)
 
     def _check(self) -> None:
+        from fdjax.methods import get_method
+
+        problem = get_method(self.method).check(self)
+        if problem is not None:
+            raise ConfigError(problem)
         count = self.clients.count
         if self.backend == "ray" and self.clock != "real":
             raise ConfigError('clock: the Ray backend runs on the real clock; set clock = "real"')

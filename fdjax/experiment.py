@@ -34,8 +34,8 @@ from fdjax.runtime.cohorts import ClientCohort
 from fdjax.runtime.compiled import (ClientPool, CohortTrainer, Distiller, Evaluator,
                                     LocalTrainer, as_device_data)
 from fdjax.runtime.faults import FaultyClient
-from fdjax.runtime.nodes import (AveragingServer, Client, Context, DistillationServer, LeadGate,
-                                 Observer, supervise)
+from fdjax.runtime.nodes import (Client, Context, DistillationServer, LeadGate, Observer,
+                                 supervise)
 from fdjax.runtime.sampling import ClientSampler
 from fdjax.rundir import ComparisonDirectory, RunDirectory, write_atomic
 from fdjax.runstate import RunState
@@ -254,7 +254,7 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
     clients, client_nodes = _client_nodes(config, ctx, fed, trainer, client_spec, client_cost,
                                           key, to_server, deployment)
     a = config.aggregation
-    averaging = (deployment.averaging if deployment else AveragingServer)(
+    averaging = method.averaging(
         ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
         to_server, server_cost, published, wait_for_distiller=method.waits_for_distiller,
         mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
@@ -263,7 +263,8 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
         max_delta_norm=a.max_delta_norm, round_timeout=a.round_timeout, quorum=a.quorum,
         accept_late=not method.waits_for_distiller,
         sample=(ClientSampler(config.clients.count, config.clients.per_round, config.seed)
-                if config.clients.per_round < config.clients.count else None))
+                if config.clients.per_round < config.clients.count else None),
+        executor=deployment.averaging() if deployment else None, **method.options(config))
     distiller = None
     if method.distill_mode is not None:
         dc = config.distill
@@ -297,14 +298,16 @@ def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fe
             examples = {"reverse": (large_state, averaging.params)}
             if forward is not None:
                 examples["forward"] = (forward.init(averaging.params), large_state.params)
-            reverse, forward = deployment.distillers(reverse, forward, builders,
-                                                     proxy, examples)
+            executor = deployment.distillation(builders, proxy, examples)
+        else:
+            executor = None
         distiller = DistillationServer(
             ctx, distill_device, large_state, reverse, forward,
             proxy if deployment else as_device_data(proxy), server_cost,
             jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
             reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
-            forward_every=dc.forward_every, forward_cost=forward_cost, gate=gate)
+            forward_every=dc.forward_every, forward_cost=forward_cost, gate=gate,
+            executor=executor)
     global_of = (lambda: distiller.params) if distiller else (lambda: averaging.params)
     small_of = (lambda: averaging.params) if distiller else None
     rows: list[dict] = []
@@ -440,10 +443,9 @@ def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, clie
                 cc.local_epochs, cost, jax.random.fold_in(jax.random.fold_in(key, 100), i),
                 to_server)
         mine = [(n, f) for n, f in faults if f.client == i]
-        if deployment is not None:
-            clients.append(deployment.client(i, args, mine, build, arrays, example))
-        else:
-            clients.append(FaultyClient(*args, faults=mine) if mine else Client(*args))
+        executor = deployment.client(i, build, arrays, example) if deployment else None
+        clients.append(FaultyClient(*args, faults=mine, executor=executor) if mine
+                       else Client(*args, executor=executor))
     if not cc.cohort:
         return clients, clients
     cohort = _program("cohort", client_spec, cc.optimizer, cc.learning_rate, cc.batch_size,

@@ -61,8 +61,7 @@ class RunState:
 
     def fault_counters(self) -> dict:
         """The counters every metrics row carries."""
-        return {"rejected": len(self.averaging.rejected), "late": self.averaging.late,
-                "round_timeouts": self.averaging.timeouts,
+        return {**self.averaging.counters(),
                 "client_crashes": sum(c.crashes for c in self.clients)}
 
     def _nodes(self) -> tuple[dict, dict]:

@@ -4,7 +4,7 @@ Every function here is pure and un-jitted; ``fdjax.runtime.compiled`` jits them 
 """
 
 from fdjax.core.aggregation import (AGGREGATION_RULES, AggregationRule, StreamingAverage,
-                                    aggregate, check_weights, clip_update, coordinate_median,
+                                    aggregate, buffered_update, check_weights, clip_update, coordinate_median,
                                     fedavg, mix, stack_trees,
                                     staleness_mix, staleness_weight, streaming_add,
                                     streaming_init, streaming_result, trimmed_mean,
@@ -17,7 +17,7 @@ from fdjax.core.training import (OptimizerSettings, TrainState, init_train_state
 
 __all__ = [
     "AGGREGATION_RULES", "AggregationRule", "CNN", "PRESETS", "Model", "OptimizerSettings",
-    "StreamingAverage", "TrainState", "aggregate", "check_weights", "clip_update",
+    "StreamingAverage", "TrainState", "aggregate", "buffered_update", "check_weights", "clip_update",
     "coordinate_median", "count_params", "distill_step", "distillation_loss", "evaluate", "fedavg",
     "init_train_state", "kl_divergence", "make_model", "make_optimizer", "mix", "stack_trees",
     "staleness_mix", "staleness_weight", "streaming_add", "streaming_init", "streaming_result",

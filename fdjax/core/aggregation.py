@@ -35,7 +35,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 __all__ = ["AGGREGATION_RULES", "STALENESS_KINDS", "AggregationRule", "StreamingAverage",
            "aggregate", "check_weights", "clip_update", "coordinate_median", "fedavg",
            "krum_neighbours", "krum_scores", "krum_selection", "mix", "stack_trees",
-           "staleness_mix", "staleness_weight", "streaming_add", "streaming_init",
+           "staleness_mix", "staleness_weight", "buffered_update", "streaming_add", "streaming_init",
            "streaming_result", "trimmed_count", "trimmed_mean", "validate_update"]
 
 
@@ -314,6 +314,43 @@ def staleness_mix(server: Any, update: Any, staleness: jax.Array, base_alpha: fl
     if not _is_traced(base_alpha) and not 0 <= base_alpha <= 1:
         raise ValueError(f"mixing weight alpha must be in [0, 1], got {base_alpha}")
     return mix(server, update, base_alpha * staleness_weight(staleness, kind, a, b))
+
+
+def buffered_update(params: Any, models: Any, bases: Any, examples: jax.Array,
+                    staleness: jax.Array, *, kind: str = "polynomial", a: float = 0.5,
+                    b: float = 4.0, server_lr: float = 1.0, clip_norm: float | None = None
+                    ) -> Any:
+    """FedBuff's server step (Nguyen et al., 2022) over a full buffer of ``K`` updates.
+
+    ``params + server_lr * sum_i (n_i / sum_j n_j) * s(tau_i) * (x_i - base_i)``: each client's
+    change from the model it was served (``bases``), weighted by its examples and by the
+    staleness function ``s`` (``staleness_weight``) of how many versions that model was behind.
+    Unlike a weighted mean, stale changes shrink the step instead of only each other's share;
+    with no staleness, ``server_lr = 1`` and every base the current model this is FedAvg of the
+    buffer (to float rounding).
+
+    Args:
+        params: the server's current model.
+        models, bases: stacked trees ``[K, ...]``: each update's model and the model it was
+            trained from.
+        examples: ``[K]`` positive example counts; staleness: ``[K]`` versions behind (>= 0).
+        kind, a, b: the staleness function and its parameters (``kind`` static under jit).
+        server_lr: the server's step size on the averaged change.
+        clip_norm: if set, each change is first scaled down to L2 norm at most this.
+    """
+    deltas = jax.tree_util.tree_map(lambda x, r: x.astype(jnp.float32) - r.astype(jnp.float32),
+                                    models, bases)
+    if clip_norm is not None:
+        norms = jnp.sqrt(sum(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim)))
+                             for d in jax.tree_util.tree_leaves(deltas)))
+        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+        deltas = jax.tree_util.tree_map(
+            lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
+    n = jnp.asarray(examples, jnp.float32)
+    w = n * staleness_weight(staleness, kind, a, b) / jnp.sum(n)
+    return jax.tree_util.tree_map(
+        lambda p, d: (p.astype(jnp.float32) + server_lr * jnp.tensordot(w, d, axes=1)
+                      ).astype(p.dtype), params, deltas)
 
 
 def _path_name(path: tuple) -> str:

@@ -3,7 +3,8 @@
 Each node is an asyncio loop that calls compiled core programs through the ``Clock`` (which
 charges their cost on the node's device) and exchanges parameter pytrees through channels. Nodes
 hold no learning math; how they are wired, and the few switches that make the paper's methods
-differ, come from ``fdjax.methods``.
+differ, come from ``fdjax.methods`` (where a method may also bring its own averaging loop, a
+subclass of ``AveragingServer``).
 
 Faults are part of the protocol, not an afterthought: the averaging server checks every message
 before it touches its state, closes a round on a timeout with a quorum, and serves a client that
@@ -26,12 +27,13 @@ from fdjax.core import aggregation
 from fdjax.runtime.channels import Mailbox, NodeStats, Register, tree_bytes
 from fdjax.runtime.clock import Clock, Cost, Device
 from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer
+from fdjax.runtime.executors import InProcess, Program, local_epochs
 
 
-#: The averaging server's computations, compiled once; module-level so a backend running them
-#: elsewhere (a Ray actor) runs the very same programs.
-aggregate_updates = jax.jit(aggregation.aggregate, static_argnames=("rule",))
-mix_stale = jax.jit(aggregation.staleness_mix, static_argnames=("kind",))
+#: The averaging server's computations, compiled once per process; handed to its executor, so a
+#: backend running them elsewhere (a Ray actor) runs the very same programs.
+aggregate_updates = Program(aggregation.aggregate, ("rule",))
+mix_stale = Program(aggregation.staleness_mix, ("kind",))
 
 
 @dataclasses.dataclass
@@ -98,9 +100,12 @@ class Client:
     restart_after: float | None = None
 
     def __init__(self, ctx: Context, index: int, device: Device, data: dict, trainer: LocalTrainer,
-                 epochs: int, cost: Cost, key: jax.Array, to_server: Mailbox):
+                 epochs: int, cost: Cost, key: jax.Array, to_server: Mailbox,
+                 executor: Any = None):
         self.ctx, self.index, self.device, self.data = ctx, index, device, data
         self.trainer, self.epochs, self.cost, self.key = trainer, epochs, cost, key
+        #: where its training runs (``fdjax.runtime.executors``): here, with its data, by default
+        self.executor = executor or InProcess({"trainer": trainer}, data)
         self.to_server = to_server
         self.inbox = Mailbox(to_server.network)
         self.examples = int(data["labels"].shape[0])
@@ -109,9 +114,8 @@ class Client:
         self.crashes = 0
 
     def train(self, params: Any, version: int) -> Any:
-        """The computation of ``work``: local epochs on this client's data (another backend
-        may run it elsewhere, e.g. in a Ray actor)."""
-        return local_epochs(self.trainer, self.data, params, self.key, version, self.epochs)
+        """The computation of ``work``: local epochs on this client's data, by its executor."""
+        return self.executor.train(params, self.key, version, self.epochs)
 
     async def work(self, params: Any, version: int) -> Update | None:
         """Trains on a served model; returns the update to send (None: nothing to send)."""
@@ -146,20 +150,6 @@ class Client:
             self.inbox.queue.get_nowait()
         self.ctx.log(self.name, "rejoin")
         self.to_server.send(Join(self.index), 0, self.stats)
-
-
-def local_epochs(trainer: LocalTrainer, data: dict, params: Any, key: jax.Array, version: int,
-                 epochs: int) -> Any:
-    """A client's training of a served model: ``epochs`` epochs from a fresh optimizer state.
-
-    Each epoch's key folds in the model version and the epoch (stable ids, never arrival order).
-    A module-level function so that a backend running clients elsewhere trains the same way.
-    """
-    state = trainer.init(params)
-    for epoch in range(epochs):
-        state, _ = trainer.epoch(state, data, jax.random.fold_in(jax.random.fold_in(key, version),
-                                                                 epoch))
-    return state.params
 
 
 async def supervise(ctx: Context, client: Client) -> None:
@@ -220,9 +210,11 @@ class AveragingServer:
                  staleness_a: float = 0.5, staleness_b: float = 4.0,
                  max_delta_norm: float | None = None, round_timeout: float | None = None,
                  quorum: int = 1, accept_late: bool = False,
-                 sample: Callable[[int], Sequence[int]] | None = None):
+                 sample: Callable[[int], Sequence[int]] | None = None, executor: Any = None):
         self.ctx, self.device, self.params, self.clients = ctx, device, params, clients
         self.sample = sample
+        #: where its aggregations and mixes run (``fdjax.runtime.executors``)
+        self.executor = executor or InProcess()
         self.cost, self.published = cost, published
         self.wait_for_distiller, self.mix_distilled = wait_for_distiller, mix_distilled
         self.mix_alpha, self.staleness = mix_alpha, staleness
@@ -273,12 +265,19 @@ class AveragingServer:
     def aggregate(self, stacked: Any, weights: np.ndarray) -> Any:
         """The computation of a round's end: ``rule`` over the stacked updates (each clipped
         to ``rule.clip_norm`` from the current model first, if set)."""
-        return aggregate_updates(stacked, weights, rule=self.rule, reference=self.params)
+        return self.executor.call(aggregate_updates, stacked, weights, rule=self.rule,
+                                  reference=self.params if self.rule.clip_norm is not None
+                                  else None)
 
     def mix(self, distilled: Any, staleness: int) -> Any:
         """The computation of mixing a forward-distilled model in, weighted by staleness."""
-        return mix_stale(self.params, distilled, staleness, self.mix_alpha, kind=self.staleness,
-                         a=self.staleness_a, b=self.staleness_b)
+        return self.executor.call(mix_stale, self.params, distilled, staleness, self.mix_alpha,
+                                  kind=self.staleness, a=self.staleness_a, b=self.staleness_b)
+
+    def counters(self) -> dict:
+        """What every metrics row reports of it (a subclass may add its own)."""
+        return {"rejected": len(self.rejected), "late": self.late,
+                "round_timeouts": self.timeouts}
 
     def snapshot(self) -> tuple[dict, dict]:
         """Its state between rounds: the model (arrays) and counters.
@@ -430,14 +429,20 @@ class DistillationServer:
         gate: in "continuous" mode with ``forward``, a ``LeadGate`` checked before each
             forward distillation, which is skipped unless the global model leads; None
             forward-distils every time.
+        executor: where the chunks run (default: in this process, on ``proxy``); the
+            distillers themselves are still read here for their step counts and ``init``.
     """
 
     def __init__(self, ctx: Context, device: Device, large_state: Any, reverse: Distiller,
                  forward_distiller: Distiller | None, proxy: dict, cost: Cost, key: jax.Array,
                  averages: Register, averaging: AveragingServer, mode: str,
                  reverse_chunks: int = 1, forward_chunks: int = 1, forward_every: int = 1,
-                 forward_cost: Cost | None = None, gate: LeadGate | None = None):
+                 forward_cost: Cost | None = None, gate: LeadGate | None = None,
+                 executor: Any = None):
         self.ctx, self.device, self.state = ctx, device, large_state
+        #: where its chunks run (``fdjax.runtime.executors``): here, on ``proxy``, by default
+        self.executor = executor or InProcess({"reverse": reverse, "forward": forward_distiller},
+                                              proxy)
         self.gate = gate
         #: gate checks made and how many found the global model leading.
         self.gate_checks = 0
@@ -498,7 +503,7 @@ class DistillationServer:
         newest = self.averages.version
         self.staleness.append(self.averaging.round - version)  # the chunk in progress's too
         (self.state, _), charged = await self.ctx.clock.compute(
-            self.device, lambda: self.reverse.chunk(self.state, teacher, self.proxy, key),
+            self.device, lambda: self.executor.chunk("reverse", self.state, teacher, key),
             cost=self.cost, examples=self.reverse.steps * self.reverse.batch_size,
             program=self.reverse, node=self.name, label="reverse")
         self.stats.busy += charged
@@ -513,7 +518,7 @@ class DistillationServer:
         for i in range(self.forward_chunks):
             key = jax.random.fold_in(jax.random.fold_in(self.forward_key, number), i)
             (state, _), charged = await self.ctx.clock.compute(
-                self.device, lambda: distiller.chunk(state, self.params, self.proxy, key),
+                self.device, lambda: self.executor.chunk("forward", state, self.params, key),
                 cost=self.forward_cost, examples=distiller.steps * distiller.batch_size,
                 program=distiller, node=self.name, label="forward")
             self.stats.busy += charged

@@ -58,9 +58,8 @@ import ray
 import ray.exceptions
 
 from fdjax.runtime.clock import Clock
-from fdjax.runtime.compiled import Distiller, as_device_data
-from fdjax.runtime.faults import FaultyClient
-from fdjax.runtime.nodes import AveragingServer, Client, aggregate_updates, local_epochs, mix_stale
+from fdjax.runtime.compiled import as_device_data
+from fdjax.runtime.executors import Program, local_epochs
 
 #: The fraction of an actor's GPU share its JAX may fill, leaving room for CUDA contexts.
 GPU_SHARE_HEADROOM = 0.9
@@ -117,12 +116,8 @@ class NodeWorker:
         return host(self.programs[name].chunk(state, teacher, self.data,
                                               jax.random.wrap_key_data(key)))
 
-    def aggregate(self, stacked: Any, weights: np.ndarray, rule: Any, reference: Any) -> Any:
-        return host(aggregate_updates(stacked, weights, rule=rule, reference=reference))
-
-    def mix(self, params: Any, distilled: Any, staleness: int, alpha: float, kind: str,
-            a: float, b: float) -> Any:
-        return host(mix_stale(params, distilled, staleness, alpha, kind=kind, a=a, b=b))
+    def call(self, program: Program, *args: Any, **static: Any) -> Any:
+        return host(program(*args, **static))
 
 
 class Role(NamedTuple):
@@ -241,8 +236,12 @@ class RayClock(Clock):
     async def run_real(self, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         result = fn()
-        if isinstance(result, ray.ObjectRef):
-            result = await result
+        if isinstance(result, _ActorCall):
+            try:
+                result = await result.ref
+            except ray.exceptions.RayActorError as err:
+                raise ActorLost(f"the Ray actor of {result.node} is gone ({type(err).__name__}: "
+                                f"killed, or its process or machine was lost)") from None
         else:  # a computation the driver runs itself
             result = await asyncio.to_thread(jax.block_until_ready, result)
         # submission, transfers and the actor's compute: what the node waited for
@@ -250,64 +249,35 @@ class RayClock(Clock):
         return result
 
 
-class RayClient(Client):
-    """A ``Client`` whose training runs in its actor; everything else is the client's own."""
+class _ActorCall(NamedTuple):
+    """A computation submitted to a node's actor: what ``RayClock`` awaits."""
 
-    def __init__(self, *args: Any, worker: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.worker = worker
-
-    def train(self, params: Any, version: int) -> Any:
-        return self.worker.train.remote(host(params), key_data(self.key), version, self.epochs)
-
-    async def work(self, params: Any, version: int):
-        try:
-            return await super().work(params, version)
-        except ray.exceptions.RayActorError as err:
-            raise ActorLost(f"the Ray actor of {self.name} is gone "
-                            f"({type(err).__name__}: killed, or its process or machine was lost)"
-                            ) from None
+    ref: Any
+    node: str
 
 
-class RayFaultyClient(RayClient, FaultyClient):
-    """A ``FaultyClient`` (injected faults, a testing aid) training in its actor."""
+class RayExecutor:
+    """A node's executor (``fdjax.runtime.executors``) whose computations run in its actor.
 
-
-class RayAveragingServer(AveragingServer):
-    """An ``AveragingServer`` whose aggregation and mixing run in its actor."""
-
-    def __init__(self, *args: Any, worker: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.worker = worker
-
-    def aggregate(self, stacked: Any, weights: np.ndarray) -> Any:
-        reference = host(self.params) if self.rule.clip_norm is not None else None
-        return self.worker.aggregate.remote(host(stacked), weights, self.rule, reference)
-
-    def mix(self, distilled: Any, staleness: int) -> Any:
-        return self.worker.mix.remote(host(self.params), host(distilled), staleness,
-                                      self.mix_alpha, self.staleness, self.staleness_a,
-                                      self.staleness_b)
-
-
-class RemoteDistiller:
-    """Stands in for a ``Distiller`` in the ``DistillationServer``: chunks run in the actor.
-
-    ``init`` (a fresh optimizer state, cheap) stays local; ``chunk`` ignores the data it is
-    given because the actor holds the same proxy set, sent once when it started.
+    Each call ships its arguments as host arrays (typed keys as their integers) and returns at
+    once with the call in flight; the run's ``RayClock`` awaits it on the event loop. The actor
+    holds the node's programs and data, so a client's ``train`` or the distillation server's
+    ``chunk`` sends only models and keys.
     """
 
-    def __init__(self, local: Distiller, worker: Any, name: str):
-        self.local, self.worker, self.name = local, worker, name
-        self.steps, self.batch_size = local.steps, local.batch_size
+    def __init__(self, worker: Any, node: str):
+        self.worker, self.node = worker, node
 
-    def init(self, params: Any) -> Any:
-        return self.local.init(params)
+    def call(self, program: Program, *args: Any, **static: Any) -> _ActorCall:
+        return _ActorCall(self.worker.call.remote(program, *host(args), **static), self.node)
 
-    def chunk(self, state: Any, teacher_params: Any, data: Any, key: jax.Array) -> Any:
-        del data  # the actor's copy
-        return self.worker.chunk.remote(self.name, host(state), host(teacher_params),
-                                        key_data(key))
+    def train(self, params: Any, key: jax.Array, version: int, epochs: int) -> _ActorCall:
+        return _ActorCall(self.worker.train.remote(host(params), key_data(key), version, epochs),
+                          self.node)
+
+    def chunk(self, name: str, state: Any, teacher: Any, key: jax.Array) -> _ActorCall:
+        return _ActorCall(self.worker.chunk.remote(name, host(state), host(teacher),
+                                                   key_data(key)), self.node)
 
 
 class Deployment:
@@ -355,25 +325,23 @@ class Deployment:
         self.warm_ups[node] = list(warm_up)
         return actor
 
-    def client(self, index: int, args: tuple, faults: list, trainer: Callable[[], Any],
-               data: Mapping[str, np.ndarray], example_params: Any) -> RayClient:
-        """Client ``index`` (``args`` as for ``Client``), training in an actor of its own that
+    def client(self, index: int, trainer: Callable[[], Any], data: Mapping[str, np.ndarray],
+               example_params: Any) -> RayExecutor:
+        """The executor of client ``index``: an actor of its own that builds its trainer and
         holds its ``data``; ``example_params`` (any model of the client's shape) warm it up."""
         warm = [("train", (host(example_params), key_data(jax.random.key(0)), 0, 1))]
-        worker = self.start(f"client{index}", "client", {"trainer": trainer}, data, warm)
-        if faults:
-            return RayFaultyClient(*args, faults=faults, worker=worker)
-        return RayClient(*args, worker=worker)
+        node = f"client{index}"
+        return RayExecutor(self.start(node, "client", {"trainer": trainer}, data, warm), node)
 
-    def averaging(self, *args: Any, **kwargs: Any) -> RayAveragingServer:
-        return RayAveragingServer(*args, worker=self.start("averaging", "server", {}, None),
-                                  **kwargs)
+    def averaging(self) -> RayExecutor:
+        """The averaging server's executor: an actor that runs whatever ``Program`` it is sent
+        (an aggregation, a mix, a method's own server step), compiled there once."""
+        return RayExecutor(self.start("averaging", "server", {}, None), "averaging")
 
-    def distillers(self, reverse: Distiller, forward: Distiller | None,
-                   builders: Mapping[str, Callable[[], Any]], proxy: Mapping[str, np.ndarray],
-                   examples: Mapping[str, tuple[Any, Any]]
-                   ) -> tuple[RemoteDistiller, RemoteDistiller | None]:
-        """The distillation server's actor.
+    def distillation(self, builders: Mapping[str, Callable[[], Any]],
+                     proxy: Mapping[str, np.ndarray], examples: Mapping[str, tuple[Any, Any]]
+                     ) -> RayExecutor:
+        """The distillation server's executor: an actor holding its distillers and proxy set.
 
         Args:
             builders: ``"reverse"`` and, if used, ``"forward"`` -> a function building it.
@@ -382,9 +350,8 @@ class Deployment:
         """
         warm = [("chunk", (name, host(state), host(teacher), key_data(jax.random.key(0))))
                 for name, (state, teacher) in examples.items()]
-        worker = self.start("distillation", "server", builders, proxy, warm)
-        return (RemoteDistiller(reverse, worker, "reverse"),
-                RemoteDistiller(forward, worker, "forward") if forward is not None else None)
+        return RayExecutor(self.start("distillation", "server", builders, proxy, warm),
+                           "distillation")
 
     def wait_started(self) -> dict[str, dict]:
         """Waits until every actor runs and has compiled its programs; returns where each runs.

@@ -269,3 +269,24 @@ def test_a_sync_round_goes_on_without_a_killed_client_after_its_timeout(ray_inst
     assert len(after) >= 2 and all(e["clients"] == 2 for e in after)
     assert improved(result.rows)
     assert fdjax_actors() == []
+
+
+def test_fedbuff_runs_on_ray_with_no_ray_code_of_its_own(ray_instance, tmp_path):
+    """A method that brings its own averaging loop (``fdjax/methods/fedbuff.py``) runs on Ray
+    through the nodes' executors: its server step is a ``Program`` sent to the averaging
+    server's actor, its clients train in theirs."""
+    import fdjax.methods.fedbuff as fedbuff
+    import fdjax.runtime.ray_backend as ray_backend
+
+    assert "ray" not in vars(fedbuff)
+    result = run(ray_tiny("fedbuff", "aggregation.buffer_size=2"), tmp_path / "run")
+    ends = events(result, "round_end", "averaging")
+    assert len(ends) >= 2 and all(e["clients"] == 2 for e in ends)
+    assert improved(result.rows)
+    check_run_directory(tmp_path / "run", "fedbuff")
+    node_classes = {cls for cls in vars(ray_backend).values() if isinstance(cls, type)}
+    from fdjax.runtime import nodes
+
+    assert not any(issubclass(cls, (nodes.Client, nodes.AveragingServer,
+                                    nodes.DistillationServer)) for cls in node_classes)
+    assert fdjax_actors() == []
