@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdjax.core.aggregation import AGGREGATION_RULES, STALENESS_KINDS
+from fdjax.data.sources import CALLER, SOURCES
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 _NONE_WORDS = ("none", "null")
@@ -136,7 +137,8 @@ class DataConfig(_Section):
     """Where examples come from and how they are split among clients."""
 
     _section: ClassVar[str] = "data"
-    source: str = _f("embedded", _one_of("embedded", "tfds", "folder", "synthetic"))
+    # "caller" is recorded, never chosen: the run's data was handed in from Python
+    source: str = _f("embedded", _one_of(*SOURCES, CALLER))
     name: str = _f("cifar10")
     data_dir: str | None = _f(None)
     download: bool = _f(False)

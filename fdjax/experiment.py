@@ -17,7 +17,7 @@ import logging
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +27,7 @@ from fdjax.checkpoint import CheckpointError
 from fdjax.config import Config, config_to_toml, parse_resources
 from fdjax.core import AggregationRule, OptimizerSettings, make_model, make_optimizer
 from fdjax.data import DataError, load_splits, split_federated
+from fdjax.data.sources import CALLER
 from fdjax.methods import Method, get_method
 from fdjax.runtime.channels import Mailbox, Network, Register
 from fdjax.runtime.clock import Clock, Cost, Device
@@ -142,7 +143,21 @@ def _program(kind: str, *settings: Any) -> Any:
     raise ValueError(f"unknown program kind {kind!r}")
 
 
-def prepare_data(config: Config):
+class PreparedData(NamedTuple):
+    """What ``prepare_data`` returns: the splits and the federated partition of a config's
+    data. A run handed anything else as ``data`` records that its data came from the caller."""
+
+    splits: Any
+    fed: Any
+
+
+def from_caller(config: Config) -> Config:
+    """``config`` as a run records it when its data was handed in from Python: the data
+    settings cannot reproduce that data, so ``data.source`` says ``"caller"``."""
+    return config.replace(data=dataclasses.replace(config.data, source=CALLER))
+
+
+def prepare_data(config: Config) -> PreparedData:
     """Loads the dataset and splits it into clients and the proxy set (same for every method).
 
     With ``distill.forward_gate = "lead"`` and ``distill.gate_holdout_from = "test"`` the gate's
@@ -150,6 +165,10 @@ def prepare_data(config: Config):
     all methods of one comparison are evaluated on the same test images.
     """
     d, dc = config.data, config.distill
+    if d.source == CALLER:
+        raise DataError('data.source = "caller": this run\'s data was handed in from Python '
+                        '(fdjax.run(..., data=...)) and cannot be loaded again; resume it from '
+                        'Python with the same data')
     holdout = (dc.gate_holdout if dc.forward_gate == "lead" and dc.gate_holdout_from == "test"
                else 0)
     splits = load_splits(d.source, name=d.name, data_dir=d.data_dir, download=d.download,
@@ -162,7 +181,7 @@ def prepare_data(config: Config):
                           proxy_size=d.proxy_size, keep_proxy_labels=d.keep_proxy_labels,
                           seed=config.seed, alpha=d.alpha,
                           shards_per_client=d.shards_per_client)
-    return splits, fed
+    return PreparedData(splits, fed)
 
 
 def run(config: Config, out_dir: str | Path | None = None, *, data=None,
@@ -179,7 +198,11 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
         out_dir: if given, receives ``config.toml``, ``metrics.jsonl``, checkpoints (see
             ``config.checkpoint``), ``nodes.json`` and the final parameters
             (``global_params.npz``, ``small_params.npz``).
-        data: the result of ``prepare_data(config)``, to share one split across runs.
+        data: the result of ``prepare_data(config)``, to share one split across runs; or a
+            ``(splits, fed)`` pair of the caller's own making (``fdjax.data.Splits`` and
+            ``split_federated``'s result), which the run records as ``data.source =
+            "caller"`` in its ``config.toml``: such a run cannot be resumed from the command
+            line (a one-line error), only from Python with the same data.
         on_row: called with each metrics row as it is produced (progress bars).
         resume: continue the killed run in ``out_dir`` from its newest usable checkpoint
             (``config`` must be the one in ``out_dir/config.toml``).
@@ -198,6 +221,10 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
             has loaded. With the Ray backend also when Ray is not installed, cannot be
             reached or cannot place the actors.
     """
+    if data is not None and not isinstance(data, PreparedData):
+        config = from_caller(config)
+    elif data is None and config.data.source == CALLER:
+        prepare_data(config)  # the one-line error, before anything is opened or written
     method = get_method(config.method)
     rundir = _open_run_dir(out_dir, config, resume, overwrite)
     try:
@@ -600,7 +627,7 @@ def recorded_comparison(out_dir: str | Path) -> dict:
 def compare(config: Config, methods: Sequence[str], seeds: int = 1,
             out_dir: str | Path | None = None, target: float | None = None,
             on_row: Callable[[dict], None] | None = None, *, overwrite: bool = False,
-            resume: bool = False) -> Comparison:
+            resume: bool = False, data=None) -> Comparison:
     """Runs every method for ``seeds`` seeds (config.seed, config.seed + 1, ...).
 
     All methods of one seed share one data split. ``target`` is the accuracy whose time the
@@ -611,6 +638,9 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
 
     Args:
         overwrite: replace the comparison ``out_dir`` holds (off by default, as for ``run``).
+        data: a ``(splits, fed)`` pair of the caller's own, used by every method and seed (a
+            seed then changes the models' initialisation and the runs' keys, not the split);
+            recorded as ``data.source = "caller"``, as for ``run``.
         resume: continue the killed comparison in ``out_dir`` (the other arguments must be
             those it recorded: see ``recorded_comparison``). Its finished runs are kept, the
             interrupted one resumes from its newest usable checkpoint (or starts again without
@@ -624,6 +654,10 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
     """
     for name in methods:
         get_method(name)
+    if data is not None and not isinstance(data, PreparedData):
+        config = from_caller(config)
+    elif data is None and config.data.source == CALLER:
+        prepare_data(config)  # the one-line error
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if out_dir is None and resume:
@@ -634,7 +668,8 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
         cdir.open(record, resume=resume, overwrite=overwrite)
     try:
         with _ray_session(config):  # one Ray instance for every run of the comparison
-            runs, origins = _compare_runs(config, methods, seeds, cdir, record, on_row, resume)
+            runs, origins = _compare_runs(config, methods, seeds, cdir, record, on_row, resume,
+                                          data)
         comparison = Comparison(config, runs, report_target(config, target),
                                 "sync-fwd" if "sync-fwd" in methods else None, origins)
         if cdir is not None:
@@ -647,7 +682,7 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
 
 def _compare_runs(config: Config, methods: Sequence[str], seeds: int,
                   cdir: ComparisonDirectory | None, record: dict,
-                  on_row: Callable[[dict], None] | None, resume: bool
+                  on_row: Callable[[dict], None] | None, resume: bool, given=None
                   ) -> tuple[dict[str, list[Run]], dict[str, list[str]]]:
     """Every run of a comparison, and how each came about (``Comparison.origins``).
 
@@ -658,7 +693,8 @@ def _compare_runs(config: Config, methods: Sequence[str], seeds: int,
     origins: dict[str, list[str]] = {m: [] for m in methods}
     for k in range(seeds):
         seeded = config.replace(seed=config.seed + k)
-        data = functools.cache(functools.partial(prepare_data, seeded))
+        data = (functools.cache(functools.partial(prepare_data, seeded)) if given is None
+                else lambda: given)
         if k == 0 and cdir is not None and not resume:
             data()
             cdir.start(record)

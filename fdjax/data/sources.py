@@ -29,6 +29,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 SOURCES = ("embedded", "tfds", "folder", "synthetic")
+#: The source a run's config records when its data was handed in from Python
+#: (``fdjax.run(config, data=...)``): nothing fdjax can load again.
+CALLER = "caller"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
