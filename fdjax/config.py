@@ -18,8 +18,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Each closed list of names has one source: where it is implemented.
 from fdjax.core.aggregation import AGGREGATION_RULES, STALENESS_KINDS
+from fdjax.core.augment import AUGMENTATIONS
+from fdjax.core.layers import GRADS
+from fdjax.core.models import NORMS, PRESETS
+from fdjax.core.training import OPTIMIZERS
+from fdjax.data.partition import SCHEMES
 from fdjax.data.sources import CALLER, SOURCES
+from fdjax.runtime.clock import COST_MODES
+from fdjax.runtime.cohort_mesh import COHORT_DEVICES
+from fdjax.runtime.compiled import LANES
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 _NONE_WORDS = ("none", "null")
@@ -68,9 +77,9 @@ def _method_names() -> tuple[str, ...]:
     return names()
 
 
-_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
-_PRESETS = ("cnn6", "cnn12")
-_GRADS = ("auto", "xla", "pool", "matmul")  # "auto" and fdjax.core.layers.GRADS (a test keeps them equal)
+_OPTIMIZERS = OPTIMIZERS
+_PRESETS = tuple(PRESETS)
+_GRADS = ("auto", *GRADS)  # "auto": the fastest way on the backend (fdjax.core.layers)
 
 
 class _Section:
@@ -152,7 +161,7 @@ class DataConfig(_Section):
     # "dirichlet": each class split over the clients by Dirichlet(alpha) shares (Yurochkin et
     # al. 2019, flwr-datasets' recipe); "dirichlet_client": each client's label mix drawn from
     # Dirichlet(alpha * overall mix), equal sizes (Hsu et al. 2019; more skewed for one alpha).
-    partition: str = _f("iid", _one_of("iid", "dirichlet", "dirichlet_client", "shards"))
+    partition: str = _f("iid", _one_of(*SCHEMES))
     alpha: float = _f(0.5, _gt(0))
     shards_per_client: int = _f(2, _ge(1))
     proxy_size: int = _f(300, _ge(1))
@@ -189,11 +198,11 @@ class ClientsConfig(_Section):
     # sequential on CPU (vmapped convolutions measured slower there) and vmap elsewhere.
     cohort: bool = _f(False)
     cohort_size: int = _f(64, _ge(1))
-    cohort_lanes: str = _f("auto", _one_of("auto", "vmap", "sequential"))
+    cohort_lanes: str = _f("auto", _one_of(*LANES))
     # Split a vmapped cohort's clients over the host's local devices (multi-GPU, TPU host), one
     # compiled call over all of them per step: "auto" when there are several and the lanes are
     # vmap, "single" never, "all" always (forces vmap lanes; an error with one device).
-    cohort_devices: str = _f("auto", _one_of("auto", "single", "all"))
+    cohort_devices: str = _f("auto", _one_of(*COHORT_DEVICES))
     # Clients per round, as in FedAvg: a fraction of clients.count, or a count that overrides
     # it; drawn afresh each round from the seed and the round number.
     sample_fraction: float = _f(1.0, _within(0, 1, open_lo=True))
@@ -246,7 +255,7 @@ class ModelsConfig(_Section):
     small_preset: str = _f("cnn6", _one_of(*_PRESETS))
     global_width: float = _f(0.5, _gt(0))
     small_width: float = _f(0.5, _gt(0))
-    norm: str = _f("none", _one_of("none", "group", "layer"))
+    norm: str = _f("none", _one_of(*NORMS))
     # How gradients are computed (fdjax.core.layers): "auto" writes out the max-pool's gradient
     # where JAX's default backend is the CPU (faster there) and leaves it to XLA elsewhere;
     # "matmul" writes out the convolutions' weight gradients too; "xla" writes out nothing.
@@ -277,7 +286,7 @@ class DistillConfig(_Section):
     label_weight: float = _f(0.0, _within(0, 1))
     # Label-free augmentation of distillation batches; "flip_crop" is the CIFAR recipe (digits
     # are not mirror-symmetric, so the embedded default keeps "none").
-    augment: str = _f("none", _one_of("none", "flip", "flip_crop"))
+    augment: str = _f("none", _one_of(*AUGMENTATIONS))
     optimizer: str = _f("adam", _one_of(*_OPTIMIZERS))
     learning_rate: float = _f(1e-3, _gt(0))
     mix_alpha: float = _f(0.5, _within(0, 1))
@@ -296,7 +305,7 @@ class CostConfig(_Section):
     # "measured": each call's wall time; "calibrated": each program's fastest of a few timed calls,
     # then that cost for every call (the same cost for every method of a comparison, and little
     # affected by other load on the machine); "fixed": the per-example costs below.
-    mode: str = _f("measured", _one_of("measured", "calibrated", "fixed"))
+    mode: str = _f("measured", _one_of(*COST_MODES))
     client_seconds_per_example: float = _f(0.002, _ge(0))
     server_seconds_per_example: float = _f(0.001, _ge(0))
     # Fixed costs of the other programs, for a cost table measured per program (see

@@ -278,3 +278,33 @@ def test_settings_that_contradict_each_other_name_a_key(overrides, key, words):
         load_config(overrides=overrides)
     message = str(info.value)
     assert key in message and words in message and "\n" not in message
+
+
+def test_every_closed_list_of_names_the_config_accepts_is_the_implementation_s_own():
+    """One source per list: each name the config accepts is one its implementation takes."""
+    from fdjax.config import ClientsConfig, CostConfig, DataConfig, DistillConfig, ModelsConfig
+    from fdjax.core.augment import AUGMENTATIONS
+    from fdjax.core.models import make_model
+    from fdjax.core.training import OptimizerSettings, make_optimizer
+    from fdjax.data.partition import SCHEMES
+    from fdjax.methods import names
+
+    for optimizer in ("adam", "adamw", "sgd", "momentum"):
+        ClientsConfig(optimizer=optimizer)
+        make_optimizer(OptimizerSettings(optimizer, 1e-3))
+    for preset in ("cnn6", "cnn12"):
+        ModelsConfig(global_preset=preset)
+        make_model(preset, input_shape=(8, 8, 1))
+    for scheme in SCHEMES:
+        DataConfig(partition=scheme)
+    for augment in AUGMENTATIONS:
+        DistillConfig(augment=augment)
+    for mode in ("measured", "calibrated", "fixed"):
+        CostConfig(mode=mode)
+    for rejected, section, key in [("rmsprop", ClientsConfig, "optimizer"),
+                                   ("resnet", ModelsConfig, "global_preset"),
+                                   ("zipf", DataConfig, "partition"),
+                                   ("mixup", DistillConfig, "augment")]:
+        with pytest.raises(ValueError, match=key):
+            section(**{key: rejected})
+    assert set(names()) >= {"sync-fwd", "sync", "async-round", "async-continuous", "fedbuff"}
