@@ -242,193 +242,275 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
             rundir.close()
 
 
-def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fed,
-         on_row: Callable[[dict], None] | None, resume: bool, deployment) -> Run:
-    """``run`` with the run directory checked, the data loaded and the backend connected."""
-    if rundir is not None and not resume:
-        rundir.start_fresh(config_to_toml(config))
-    m = config.models
+@dataclasses.dataclass
+class _Specs:
+    """The run's model settings (hashable tuples for ``_program``) and its three costs."""
+
+    large: tuple
+    small: tuple
+    client: tuple
+    client_cost: Cost
+    server_cost: Cost
+    forward_cost: Cost
+
+
+def _specs(config: Config, method: Method, splits) -> _Specs:
+    m, c = config.models, config.cost
     shape, classes = splits.train.image_shape, splits.train.num_classes
-    large_spec = (m.global_preset, shape, classes, m.global_width, m.norm, m.grads)
-    small_spec = (m.small_preset, shape, classes, m.small_width, m.norm, m.grads)
-    large = _program("model", *large_spec)
-    client_spec = small_spec if method.clients_train == "small" else large_spec
-    client_model = _program("model", *client_spec)
+    large = (m.global_preset, shape, classes, m.global_width, m.norm, m.grads)
+    small = (m.small_preset, shape, classes, m.small_width, m.norm, m.grads)
+    large_clients = method.clients_train == "large"
+    client_rate = (c.large_client_seconds_per_example
+                   if large_clients and c.large_client_seconds_per_example is not None
+                   else c.client_seconds_per_example)
+    forward_rate = (c.server_seconds_per_example if c.forward_seconds_per_example is None
+                    else c.forward_seconds_per_example)
+    return _Specs(large, small, large if large_clients else small, Cost(c.mode, client_rate),
+                  Cost(c.mode, c.server_seconds_per_example), Cost(c.mode, forward_rate))
+
+
+@dataclasses.dataclass
+class _Components:
+    """A run turned into its parts, before any of them runs (``_build``)."""
+
+    config: Config
+    ctx: Context
+    clock: Clock
+    devices: list[Device]
+    clients: list[Client]
+    client_nodes: list
+    averaging: Any
+    distiller: DistillationServer | None
+    published: Register
+    observer_programs: tuple[Any, Any]
+    test: dict
+
+    def global_params(self) -> Any:
+        return self.distiller.params if self.distiller else self.averaging.params
+
+    def small_params(self) -> Any:
+        return self.averaging.params if self.distiller else None
+
+
+def _build(config: Config, method: Method, splits, fed, deployment) -> _Components:
+    """Turns a config into its nodes (clients, both servers), clock and channels.
+
+    The nodes are built before the event loop exists, so a resumed run can restore their state
+    and start the loop's clock at the checkpoint's time.
+    """
+    specs = _specs(config, method, splits)
     key = jax.random.key(config.seed)
     clock = deployment.clock() if deployment else Clock(virtual=config.clock == "virtual")
     network = Network(config.cost.latency, config.cost.bandwidth)
-    c = config.cost
-    client_cost = Cost(c.mode, c.large_client_seconds_per_example
-                       if method.clients_train == "large" and
-                       c.large_client_seconds_per_example is not None
-                       else c.client_seconds_per_example)
-    server_cost = Cost(c.mode, c.server_seconds_per_example)
-    forward_cost = Cost(c.mode, c.server_seconds_per_example
-                        if c.forward_seconds_per_example is None
-                        else c.forward_seconds_per_example)
-    trainer = _program("trainer", client_spec, config.clients.optimizer,
+    trainer = _program("trainer", specs.client, config.clients.optimizer,
                        config.clients.learning_rate, config.clients.batch_size)
-    test = as_device_data(splits.test.arrays())
-
-    # The nodes are built before the event loop exists, so a resumed run can restore their
-    # state and start the loop's clock at the checkpoint's time.
     ctx = Context(clock, asyncio.Event())
     server_device = Device("server", config.server.device_speed, config.server.device_slots)
     distill_device = (Device("distiller", config.server.device_speed, 1)
                       if config.server.separate_devices else server_device)
-    published = Register(network)
-    to_server = Mailbox(network)
-    clients, client_nodes = _client_nodes(config, ctx, fed, trainer, client_spec, client_cost,
-                                          key, to_server, deployment)
-    a = config.aggregation
-    averaging = method.averaging(
-        ctx, server_device, client_model.init(jax.random.fold_in(key, 2)), clients,
-        to_server, server_cost, published, wait_for_distiller=method.waits_for_distiller,
-        mix_distilled=method.mixes_distilled, mix_alpha=config.distill.mix_alpha,
-        staleness=config.distill.staleness, staleness_a=config.distill.staleness_a,
-        staleness_b=config.distill.staleness_b, rule=aggregation_rule(config),
+    published, to_server = Register(network), Mailbox(network)
+    clients, client_nodes = _client_nodes(config, ctx, fed, trainer, specs.client,
+                                          specs.client_cost, key, to_server, deployment)
+    averaging = _averaging(config, method, ctx, server_device, clients, to_server, published,
+                           specs, key, deployment)
+    distiller = (_distiller(config, method, ctx, distill_device, averaging, published, splits,
+                            fed, specs, key, deployment)
+                 if method.distill_mode is not None else None)
+    observed = ((_program("evaluator", *specs.large), _program("evaluator", *specs.small))
+                if distiller else (_program("evaluator", *specs.client), None))
+    devices = [server_device, distill_device] + [c.device for c in clients]
+    return _Components(config, ctx, clock, devices, clients, client_nodes, averaging,
+                       distiller, published, observed, as_device_data(splits.test.arrays()))
+
+
+def _averaging(config: Config, method: Method, ctx: Context, device: Device,
+               clients: list[Client], inbox: Mailbox, published: Register, specs: _Specs,
+               key: jax.Array, deployment) -> Any:
+    """The averaging server: the method's node class with the config's settings."""
+    a, dc, cc = config.aggregation, config.distill, config.clients
+    start = _program("model", *specs.client).init(jax.random.fold_in(key, 2))
+    return method.averaging(
+        ctx, device, start, clients, inbox, specs.server_cost, published,
+        wait_for_distiller=method.waits_for_distiller, mix_distilled=method.mixes_distilled,
+        mix_alpha=dc.mix_alpha, staleness=dc.staleness, staleness_a=dc.staleness_a,
+        staleness_b=dc.staleness_b, rule=aggregation_rule(config),
         max_delta_norm=a.max_delta_norm, round_timeout=a.round_timeout, quorum=a.quorum,
         accept_late=not method.waits_for_distiller,
-        sample=(ClientSampler(config.clients.count, config.clients.per_round, config.seed)
-                if config.clients.per_round < config.clients.count else None),
+        sample=(ClientSampler(cc.count, cc.per_round, config.seed)
+                if cc.per_round < cc.count else None),
         executor=deployment.averaging() if deployment else None, **method.options(config))
-    distiller = None
-    if method.distill_mode is not None:
-        dc = config.distill
-        settings = (dc.optimizer, dc.learning_rate, dc.batch_size, dc.steps_per_chunk,
-                    dc.temperature, dc.label_weight, dc.augment)
-        reverse = _program("distiller", large_spec, small_spec, *settings)
-        forward = (_program("distiller", small_spec, large_spec, *settings)
-                   if method.forward else None)
-        large_state = reverse.init(large.init(jax.random.fold_in(key, 1)))
-        proxy, gate = fed.proxy.arrays(), None
-        if method.mixes_distilled and dc.forward_gate == "lead":
-            if dc.gate_holdout_from == "test":  # cut by prepare_data, apart from all training data
-                if splits.holdout is None or len(splits.holdout) != dc.gate_holdout:
-                    raise ValueError("run(data=...): the data was prepared without the gate's "
-                                     "test holdout; build it with prepare_data(config)")
-                held = splits.holdout.arrays()
-            else:  # cut from the distillation set, which shrinks by it
-                kept = fed.proxy_indices[:-dc.gate_holdout]
-                proxy = splits.train.subset(
-                    kept, keep_labels=config.data.keep_proxy_labels).arrays()
-                held = splits.train.subset(fed.proxy_indices[-dc.gate_holdout:]).arrays()
-            gate = LeadGate(_program("evaluator", *large_spec),
-                            _program("evaluator", *small_spec), as_device_data(held),
-                            forward_cost)
-        if deployment is not None:  # the programs are built again inside the actor
-            builders = {"reverse": functools.partial(_program, "distiller", large_spec,
-                                                     small_spec, *settings)}
-            if forward is not None:
-                builders["forward"] = functools.partial(_program, "distiller", small_spec,
-                                                        large_spec, *settings)
-            examples = {"reverse": (large_state, averaging.params)}
-            if forward is not None:
-                examples["forward"] = (forward.init(averaging.params), large_state.params)
-            executor = deployment.distillation(builders, proxy, examples)
-        else:
-            executor = None
-        distiller = DistillationServer(
-            ctx, distill_device, large_state, reverse, forward,
-            proxy if deployment else as_device_data(proxy), server_cost,
-            jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
-            reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
-            forward_every=dc.forward_every, forward_cost=forward_cost, gate=gate,
-            executor=executor)
-    global_of = (lambda: distiller.params) if distiller else (lambda: averaging.params)
-    small_of = (lambda: averaging.params) if distiller else None
-    rows: list[dict] = []
-    state = RunState(config, clock, averaging, distiller, clients, rows, rundir)
-    start = state.resume(published) if resume else state.fresh_start()
+
+
+def _gate(config: Config, splits, fed, specs: _Specs, proxy: dict) -> tuple[dict, Any]:
+    """The forward gate's labeled holdout and ``LeadGate``, and the distillation set without
+    the holdout where it was cut from it."""
+    dc = config.distill
+    if dc.gate_holdout_from == "test":  # cut by prepare_data, apart from all training data
+        if splits.holdout is None or len(splits.holdout) != dc.gate_holdout:
+            raise ValueError("run(data=...): the data was prepared without the gate's "
+                             "test holdout; build it with prepare_data(config)")
+        held = splits.holdout.arrays()
+    else:  # cut from the distillation set, which shrinks by it
+        kept = fed.proxy_indices[:-dc.gate_holdout]
+        proxy = splits.train.subset(kept, keep_labels=config.data.keep_proxy_labels).arrays()
+        held = splits.train.subset(fed.proxy_indices[-dc.gate_holdout:]).arrays()
+    gate = LeadGate(_program("evaluator", *specs.large), _program("evaluator", *specs.small),
+                    as_device_data(held), specs.forward_cost)
+    return proxy, gate
+
+
+def _distiller(config: Config, method: Method, ctx: Context, device: Device, averaging: Any,
+               published: Register, splits, fed, specs: _Specs, key: jax.Array,
+               deployment) -> DistillationServer:
+    """The distillation server, its distillers built (or, on Ray, built in its actor)."""
+    dc = config.distill
+    settings = (dc.optimizer, dc.learning_rate, dc.batch_size, dc.steps_per_chunk,
+                dc.temperature, dc.label_weight, dc.augment)
+    builders = {"reverse": functools.partial(_program, "distiller", specs.large, specs.small,
+                                             *settings)}
+    if method.forward:
+        builders["forward"] = functools.partial(_program, "distiller", specs.small,
+                                                specs.large, *settings)
+    reverse = builders["reverse"]()
+    forward = builders["forward"]() if method.forward else None
+    large_state = reverse.init(_program("model", *specs.large).init(jax.random.fold_in(key, 1)))
+    proxy, gate = fed.proxy.arrays(), None
+    if method.mixes_distilled and dc.forward_gate == "lead":
+        proxy, gate = _gate(config, splits, fed, specs, proxy)
+    executor = None
+    if deployment is not None:  # the programs are built again inside the actor
+        examples = {"reverse": (large_state, averaging.params)}
+        if forward is not None:
+            examples["forward"] = (forward.init(averaging.params), large_state.params)
+        executor = deployment.distillation(builders, proxy, examples)
+    return DistillationServer(
+        ctx, device, large_state, reverse, forward,
+        proxy if deployment else as_device_data(proxy), specs.server_cost,
+        jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
+        reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
+        forward_every=dc.forward_every, forward_cost=specs.forward_cost, gate=gate,
+        executor=executor)
+
+
+class _Recorder:
+    """Completes each evaluation into a metrics row, keeps it, writes and reports it, and stops
+    the run at its target accuracy."""
+
+    def __init__(self, parts: _Components, state: RunState, rundir: RunDirectory | None,
+                 on_row: Callable[[dict], None] | None):
+        self.parts, self.state, self.rundir, self.on_row = parts, state, rundir, on_row
+        self.rows: list[dict] = state.rows
+
+    def __call__(self, row: dict) -> None:
+        parts, config, distiller = self.parts, self.parts.config, self.parts.distiller
+        row.update(method=config.method, seed=config.seed, round=parts.averaging.round,
+                   distill_chunks=distiller.chunks if distiller else 0,
+                   last_staleness=(distiller.staleness[-1]
+                                   if distiller and distiller.staleness else None),
+                   **self.state.fault_counters())
+        if distiller is not None and distiller.gate is not None:
+            row.update(gate_checks=distiller.gate_checks, gate_opens=distiller.gate_opens,
+                       forwards=distiller.forwards)
+        self.rows.append(row)
+        if self.rundir is not None:
+            self.rundir.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+        target = config.stop.target_accuracy
+        if target is not None and row["global_accuracy"] >= target:
+            parts.ctx.stop.set()
+
+
+async def _simulate(parts: _Components, observer: Observer, record: _Recorder,
+                    start_time: float) -> None:
+    """Runs the nodes until the run stops (its budget, its target, ``max_rounds``), then
+    records the final state."""
+    ctx, config = parts.ctx, parts.config
+    client_tasks = [asyncio.ensure_future(supervise(ctx, c) if isinstance(c, Client)
+                                          else c.run()) for c in parts.client_nodes]
+    tasks = [asyncio.ensure_future(parts.averaging.run())]
+    if parts.distiller is not None:
+        tasks.append(asyncio.ensure_future(parts.distiller.run(parts.averaging.params)))
+    tasks.append(asyncio.ensure_future(observer.run()))
+    all_gone = asyncio.ensure_future(asyncio.gather(*client_tasks))
+    waiters = [asyncio.ensure_future(ctx.stop.wait()), all_gone]
+    if config.stop.time_budget is not None:
+        waiters.append(asyncio.ensure_future(
+            parts.clock.sleep(config.stop.time_budget - start_time)))
+    try:
+        done, _ = await asyncio.wait(waiters + tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task in tasks and task.exception() is not None:
+                raise task.exception()
+        if all_gone in done:
+            raise RuntimeError("every client crashed and none comes back; see the "
+                               "'crashed' events for why")
+    finally:
+        for task in tasks + waiters + client_tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *waiters, *client_tasks, return_exceptions=True)
+    if not record.rows or record.rows[-1]["time"] < parts.clock.now():
+        record(observer.evaluate())  # the final state, at the moment the run stopped
+
+
+def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fed,
+         on_row: Callable[[dict], None] | None, resume: bool, deployment) -> Run:
+    """``run`` with the run directory checked, the data loaded and the backend connected:
+    builds the run's parts, restores them if resuming, simulates, and collects the result."""
+    if rundir is not None and not resume:
+        rundir.start_fresh(config_to_toml(config))
+    parts = _build(config, method, splits, fed, deployment)
+    state = RunState(config, parts.clock, parts.averaging, parts.distiller, parts.clients, [],
+                     rundir)
+    start = state.resume(parts.published) if resume else state.fresh_start()
 
     def round_done(r: int) -> None:
         state.round_done(r)
         if config.stop.max_rounds is not None and r >= config.stop.max_rounds:
-            ctx.stop.set()
+            parts.ctx.stop.set()
 
-    averaging.on_round = round_done
-
-    def record(row: dict) -> None:
-        row.update(method=config.method, seed=config.seed, round=averaging.round,
-                   distill_chunks=distiller.chunks if distiller else 0,
-                   last_staleness=(distiller.staleness[-1]
-                                   if distiller and distiller.staleness else None),
-                   **state.fault_counters())
-        if distiller is not None and distiller.gate is not None:
-            row.update(gate_checks=distiller.gate_checks, gate_opens=distiller.gate_opens,
-                       forwards=distiller.forwards)
-        rows.append(row)
-        if rundir is not None:
-            rundir.append(row)
-        if on_row is not None:
-            on_row(row)
-        target = config.stop.target_accuracy
-        if target is not None and row["global_accuracy"] >= target:
-            ctx.stop.set()
-
+    parts.averaging.on_round = round_done
+    record = _Recorder(parts, state, rundir, on_row)
     placement = deployment.wait_started() if deployment else None
-    observer = Observer(ctx, config.stop.eval_interval, global_of, small_of,
-                        _program("evaluator", *(large_spec if distiller else client_spec)),
-                        _program("evaluator", *small_spec) if distiller else None, test,
-                        record, first_delay=start.first_delay, wall_offset=start.wall)
+    observer = Observer(parts.ctx, config.stop.eval_interval, parts.global_params,
+                        parts.small_params if parts.distiller else None,
+                        *parts.observer_programs, parts.test, record,
+                        first_delay=start.first_delay, wall_offset=start.wall)
     state.observer = observer
-
-    async def main() -> None:
-        client_tasks = [asyncio.ensure_future(supervise(ctx, c) if isinstance(c, Client)
-                                              else c.run()) for c in client_nodes]
-        tasks = [asyncio.ensure_future(averaging.run())]
-        if distiller is not None:
-            tasks.append(asyncio.ensure_future(distiller.run(averaging.params)))
-        tasks.append(asyncio.ensure_future(observer.run()))
-        all_gone = asyncio.ensure_future(asyncio.gather(*client_tasks))
-        waiters = [asyncio.ensure_future(ctx.stop.wait()), all_gone]
-        if config.stop.time_budget is not None:
-            waiters.append(asyncio.ensure_future(
-                clock.sleep(config.stop.time_budget - start.time)))
-        try:
-            done, _ = await asyncio.wait(waiters + tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task in tasks and task.exception() is not None:
-                    raise task.exception()
-            if all_gone in done:
-                raise RuntimeError("every client crashed and none comes back; see the "
-                                   "'crashed' events for why")
-        finally:
-            for task in tasks + waiters + client_tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, *waiters, *client_tasks, return_exceptions=True)
-        if not rows or rows[-1]["time"] < clock.now():
-            record(observer.evaluate())  # the final state, at the moment the run stopped
-
-    loop = clock.new_loop(start.time)
+    loop = parts.clock.new_loop(start.time)
     wall = time.perf_counter()
     try:
-        _run_to_completion(loop, main())
+        _run_to_completion(loop, _simulate(parts, observer, record, start.time))
     finally:
         loop.close()
         if rundir is not None:
             rundir.checkpoints.close()
-    devices = {d.name: d.intervals for d in
-               [server_device, distill_device] + [c.device for c in clients]}
-    nodes = {c.name: c.stats.as_dict() for c in clients}
+    result = _result(parts, state, rundir, time.perf_counter() - wall, deployment, placement)
+    if rundir is not None:
+        _write_outputs(result, rundir, parts.clock.now(), state.fault_counters())
+    return result
+
+
+def _result(parts: _Components, state: RunState, rundir: RunDirectory | None, wall: float,
+            deployment, placement: dict | None) -> Run:
+    clock, averaging, distiller = parts.clock, parts.averaging, parts.distiller
+    devices = {d.name: d.intervals for d in parts.devices}
+    nodes = {c.name: c.stats.as_dict() for c in parts.clients}
     nodes[averaging.name] = averaging.stats.as_dict()
     if distiller:
         nodes[distiller.name] = distiller.stats.as_dict()
     saves = rundir.checkpoints.save_seconds if rundir is not None else []
-    timing = {"wall_seconds": time.perf_counter() - wall, "compute_seconds": clock.compute_seconds,
+    timing = {"wall_seconds": wall, "compute_seconds": clock.compute_seconds,
               "compile_seconds": clock.compile_seconds, "checkpoints": len(saves),
               "checkpoint_seconds": sum(saves)}
     if deployment is not None:  # placing the actors and compiling in them, before the clock
         timing["ray_start_seconds"] = deployment.start_seconds
     if clock.calibrated:
         timing["calibrated_seconds_per_call"] = dict(sorted(clock.calibrated.items()))
-    result = Run(config, rows, nodes, list(distiller.staleness) if distiller else [],
-                 global_of(), small_of() if small_of else None, ctx.events, devices, timing,
-                 rundir.path if rundir is not None else None, rejected=list(averaging.rejected),
-                 resumes=list(state.resumes), placement=placement)
-    if rundir is not None:
-        _write_outputs(result, rundir, clock.now(), state.fault_counters())
-    return result
+    return Run(parts.config, state.rows, nodes, list(distiller.staleness) if distiller else [],
+               parts.global_params(), parts.small_params(), parts.ctx.events, devices, timing,
+               rundir.path if rundir is not None else None, rejected=list(averaging.rejected),
+               resumes=list(state.resumes), placement=placement)
 
 
 def _run_to_completion(loop: asyncio.AbstractEventLoop, coroutine) -> None:

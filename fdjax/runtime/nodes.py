@@ -27,7 +27,7 @@ from fdjax.core import aggregation
 from fdjax.runtime.channels import Mailbox, NodeStats, Register, tree_bytes
 from fdjax.runtime.clock import Clock, Cost, Device
 from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer
-from fdjax.runtime.executors import InProcess, Program, local_epochs
+from fdjax.runtime.executors import InProcess, Program
 
 
 #: The averaging server's computations, compiled once per process; handed to its executor, so a
