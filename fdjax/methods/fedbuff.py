@@ -25,9 +25,8 @@ import numpy as np
 
 from fdjax.core import aggregation
 from fdjax.methods.registry import Method, register
-from fdjax.runtime.channels import tree_bytes
 from fdjax.runtime.executors import Program
-from fdjax.runtime.nodes import AveragingServer, Join, Update, _wait
+from fdjax.runtime.nodes import AveragingServer, Update, _wait
 
 #: The server step, compiled once per process wherever the averaging server's executor runs it.
 buffered_step = Program(aggregation.buffered_update, ("kind", "clip_norm"))
@@ -61,10 +60,9 @@ class FedBuffServer(AveragingServer):
         self._serve_sampled()
         while True:
             message = await _wait(self.ctx, self.stats, self.inbox.receive())
-            if isinstance(message, Join) and message.client in range(len(self.clients)):
-                self.ctx.log(self.name, "joined", client=message.client)
-                self._serve(message.client)
-            elif isinstance(message, Update):
+            if self._join(message):
+                continue
+            if isinstance(message, Update):
                 self._take(message)
                 if len(self.buffer) >= self.buffer_size:
                     await self._publish()
@@ -114,12 +112,7 @@ class FedBuffServer(AveragingServer):
             node=self.name, label="fedbuff")
         self.stats.busy += charged
         self.buffer = []
-        self.round += 1
-        self.bases[self.round] = self.params
-        self.ctx.log(self.name, "round_end", round=self.round, clients=len(updates))
-        self.published.publish(self.params, self.round, tree_bytes(self.params), self.stats)
-        if self.on_round is not None:
-            self.on_round(self.round)
+        self._end_round(len(updates))
 
     def apply_buffer(self, models: Any, bases: Any, examples: np.ndarray,
                      staleness: np.ndarray) -> Any:

@@ -256,11 +256,16 @@ class AveragingServer:
                     program=(self.rule.name, len(accepted)), node=self.name,
                     label=self.rule.name)
                 self.stats.busy += charged
-            self.round += 1
-            self.ctx.log(self.name, "round_end", round=self.round, clients=len(accepted))
-            self.published.publish(self.params, self.round, tree_bytes(self.params), self.stats)
-            if self.on_round is not None:
-                self.on_round(self.round)
+            self._end_round(len(accepted))
+
+    def _end_round(self, updates: int) -> None:
+        """Counts the round, publishes the current model as its version and calls the hook
+        (a checkpoint may be taken there)."""
+        self.round += 1
+        self.ctx.log(self.name, "round_end", round=self.round, clients=updates)
+        self.published.publish(self.params, self.round, tree_bytes(self.params), self.stats)
+        if self.on_round is not None:
+            self.on_round(self.round)
 
     def aggregate(self, stacked: Any, weights: np.ndarray) -> Any:
         """The computation of a round's end: ``rule`` over the stacked updates (each clipped
@@ -334,15 +339,21 @@ class AveragingServer:
         return accepted
 
     def _handle(self, message: Any, waiting: set[int], accepted: list[Update]) -> None:
-        if isinstance(message, Join) and message.client in range(len(self.clients)):
-            self.ctx.log(self.name, "joined", client=message.client)
-            self._serve(message.client)
+        if self._join(message):
             waiting.add(message.client)
         elif isinstance(message, Update):
             waiting.discard(message.client)
             update = self._admit(message)
             if update is not None:
                 accepted.append(update)
+
+    def _join(self, message: Any) -> bool:
+        """Serves a client that (re)joined the current model; whether ``message`` was a join."""
+        if not (isinstance(message, Join) and message.client in range(len(self.clients))):
+            return False
+        self.ctx.log(self.name, "joined", client=message.client)
+        self._serve(message.client)
+        return True
 
     def _admit(self, update: Update) -> Update | None:
         """Checks one update; returns it if it may join this round, else logs why not."""
