@@ -16,6 +16,7 @@ Bad input is reported as one line on stderr with exit status 2, never as a trace
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -302,6 +303,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A model named by import path ("mylab.nets:resnet") in the directory fdjax runs in imports
+    # as it would under ``python -m``; last on the path, so it never shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     if getattr(args, "epochs", 1) < 1:
         print("fdjax: error: --epochs must be >= 1", file=sys.stderr)
         return USAGE_ERROR

@@ -22,7 +22,7 @@ from pathlib import Path
 from fdjax.core.aggregation import AGGREGATION_RULES, STALENESS_KINDS
 from fdjax.core.augment import AUGMENTATIONS
 from fdjax.core.layers import GRADS
-from fdjax.core.models import NORMS, PRESETS
+from fdjax.core.models import CALLER as MODEL_CALLER, NORMS, PRESETS
 from fdjax.core.training import OPTIMIZERS
 from fdjax.data.partition import SCHEMES
 from fdjax.data.sources import CALLER, SOURCES
@@ -56,6 +56,19 @@ def _within(lo: float, hi: float, open_lo: bool = False) -> Callable[[Any], str 
 def _one_of(*options: str) -> Callable[[Any], str | None]:
     names = ", ".join(repr(o) for o in options)
     return lambda v: None if v in options else f"must be one of {names}, got {v!r}"
+
+
+def _model_path(value: Any) -> str | None:
+    """A model setting: None, "caller", or the syntax of an import path (whether it imports
+    is checked when the run builds its models, which needs the data's shape)."""
+    if value is None or value == MODEL_CALLER:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(_IMPORT_PATH, value):
+        return f"must be an import path 'package.module:factory', got {value!r}"
+    return None
+
+
+_IMPORT_PATH = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 
 
 def _f(default: Any = None, check: Callable[[Any], str | None] | None = None, *,
@@ -253,6 +266,13 @@ class ModelsConfig(_Section):
     _section: ClassVar[str] = "models"
     global_preset: str = _f("cnn12", _one_of(*_PRESETS))
     small_preset: str = _f("cnn6", _one_of(*_PRESETS))
+    # Any Flax module instead of a preset: "package.module:factory", where factory(num_classes=,
+    # input_shape=) returns a flax.linen.Module whose __call__(images, *, train) gives logits
+    # (fdjax.core.models.ModelSpec). It replaces the preset; the presets' own settings (width,
+    # norm, grads) do not apply to it. "caller" records a module handed in from Python
+    # (fdjax.run(..., models=...)) that no import path names.
+    global_model: str | None = _f(None, _model_path)
+    small_model: str | None = _f(None, _model_path)
     global_width: float = _f(0.5, _gt(0))
     small_width: float = _f(0.5, _gt(0))
     norm: str = _f("none", _one_of(*NORMS))

@@ -17,23 +17,23 @@ import logging
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from fdjax import report
+from fdjax import programs, report
 from fdjax.checkpoint import CheckpointError
 from fdjax.config import Config, config_to_toml, parse_resources
-from fdjax.core import AggregationRule, OptimizerSettings, make_model, make_optimizer
+from fdjax.core import AggregationRule
+from fdjax.core.models import CALLER as CALLER_MODEL, ModelError, ModelSpec, import_path
 from fdjax.data import DataError, load_splits, split_federated
 from fdjax.data.sources import CALLER
 from fdjax.methods import Method, get_method
 from fdjax.runtime.channels import Mailbox, Network, Register
 from fdjax.runtime.clock import Clock, Cost, Device
 from fdjax.runtime.cohorts import ClientCohort
-from fdjax.runtime.compiled import (ClientPool, CohortTrainer, Distiller, Evaluator,
-                                    LocalTrainer, as_device_data)
+from fdjax.runtime.compiled import ClientPool, LocalTrainer, as_device_data
 from fdjax.runtime.faults import FaultyClient
 from fdjax.runtime.nodes import (Client, Context, DistillationServer, LeadGate, Observer,
                                  supervise)
@@ -109,40 +109,6 @@ def aggregation_rule(config: Config) -> AggregationRule:
                            a.clip_norm)
 
 
-def _optimizer(name: str, learning_rate: float):
-    return make_optimizer(OptimizerSettings(name, learning_rate))
-
-
-@functools.lru_cache(maxsize=64)
-def _program(kind: str, *settings: Any) -> Any:
-    """Models and compiled programs, shared by every run with the same settings.
-
-    Runs of one comparison (and one test session) then compile each program once instead of
-    once per run.
-    """
-    if kind == "model":
-        preset, shape, classes, width, norm, grads = settings
-        return make_model(preset, input_shape=shape, num_classes=classes, width=width, norm=norm,
-                          grads=grads)
-    if kind == "trainer":
-        model, optimizer, learning_rate, batch_size = settings
-        return LocalTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
-                            batch_size)
-    if kind == "cohort":
-        model, optimizer, learning_rate, batch_size, max_lanes, lanes, devices = settings
-        return CohortTrainer(_program("model", *model), _optimizer(optimizer, learning_rate),
-                             batch_size, lanes=lanes, max_lanes=max_lanes, devices=devices)
-    if kind == "distiller":
-        (student, teacher, optimizer, learning_rate, batch_size, steps, temperature, weight,
-         augment) = settings
-        return Distiller(_program("model", *student), _program("model", *teacher),
-                         _optimizer(optimizer, learning_rate), batch_size, steps, temperature,
-                         weight, augment)
-    if kind == "evaluator":
-        return Evaluator(_program("model", *settings))
-    raise ValueError(f"unknown program kind {kind!r}")
-
-
 class PreparedData(NamedTuple):
     """What ``prepare_data`` returns: the splits and the federated partition of a config's
     data. A run handed anything else as ``data`` records that its data came from the caller."""
@@ -185,8 +151,8 @@ def prepare_data(config: Config) -> PreparedData:
 
 
 def run(config: Config, out_dir: str | Path | None = None, *, data=None,
-        on_row: Callable[[dict], None] | None = None, resume: bool = False,
-        overwrite: bool = False) -> Run:
+        models: Mapping[str, Any] | None = None, on_row: Callable[[dict], None] | None = None,
+        resume: bool = False, overwrite: bool = False) -> Run:
     """Runs ``config.method`` once and returns its ``Run`` (and writes it to ``out_dir``).
 
     While it writes ``out_dir`` the run holds that directory's lock (see
@@ -203,6 +169,13 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
             ``split_federated``'s result), which the run records as ``data.source =
             "caller"`` in its ``config.toml``: such a run cannot be resumed from the command
             line (a one-line error), only from Python with the same data.
+        models: ``{"global": ..., "small": ...}`` (either or both): the distillation server's
+            and the averaged model, each a ``flax.linen.Module``, a factory
+            ``factory(num_classes=..., input_shape=...)`` returning one, or an import path
+            ``"package.module:factory"`` (see ``fdjax.core.models.ModelSpec``); instead of
+            ``models.global_model``/``small_model`` or the presets. ``config.toml`` records a
+            factory by its import path where it has one, anything else as ``"caller"`` (such a
+            run resumes only from Python, with the same models).
         on_row: called with each metrics row as it is produced (progress bars).
         resume: continue the killed run in ``out_dir`` from its newest usable checkpoint
             (``config`` must be the one in ``out_dir/config.toml``).
@@ -219,22 +192,27 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
             holds a run without ``overwrite``, a missing or unreadable dataset, or (with
             ``resume``) no usable checkpoint; nothing is written to ``out_dir`` before the data
             has loaded. With the Ray backend also when Ray is not installed, cannot be
-            reached or cannot place the actors.
+            reached or cannot place the actors. ``ModelError`` (a ``ValueError``) for a model
+            that cannot be built, before anything is written.
     """
     if data is not None and not isinstance(data, PreparedData):
         config = from_caller(config)
     elif data is None and config.data.source == CALLER:
         prepare_data(config)  # the one-line error, before anything is opened or written
+    config = with_models(config, models)
+    for role in MODEL_ROLES:  # a "caller" model without models=: the one-line error, early
+        _model_source(config, role, models)
     method = get_method(config.method)
     rundir = _open_run_dir(out_dir, config, resume, overwrite)
     try:
         deployment = _deployment(config)
         splits, fed = data if data is not None else prepare_data(config)
+        specs = _specs(config, method, splits, models)
         if deployment is None:
-            return _run(config, method, rundir, splits, fed, on_row, resume, None)
+            return _run(config, method, rundir, splits, fed, on_row, resume, None, specs)
         try:
             deployment.open()
-            return _run(config, method, rundir, splits, fed, on_row, resume, deployment)
+            return _run(config, method, rundir, splits, fed, on_row, resume, deployment, specs)
         finally:
             deployment.close()
     finally:
@@ -242,24 +220,80 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
             rundir.close()
 
 
+#: What ``models=`` may name, and the setting each records to.
+MODEL_ROLES = {"global": "models.global_model", "small": "models.small_model"}
+
+
+def with_models(config: Config, models: Mapping[str, Any] | None) -> Config:
+    """``config`` as a run records it when ``models`` (``{"global": ..., "small": ...}``, each
+    an import path, a factory or a ``flax.linen.Module``) were handed in from Python.
+
+    A factory that a module-level name imports back to is recorded by that import path (so the
+    run resumes from its ``config.toml`` alone); any other object as ``"caller"``.
+
+    Raises:
+        ModelError: for a role other than ``"global"`` and ``"small"``.
+    """
+    if not models:
+        return config
+    unknown = sorted(set(models) - set(MODEL_ROLES))
+    if unknown:
+        raise ModelError(f"models: unknown role {unknown[0]!r}; the roles are 'global' (the "
+                         f"distillation server's model) and 'small' (the averaged model)")
+    changes = {}
+    for role, given in models.items():
+        if given is not None:
+            changes[f"{role}_model"] = (given if isinstance(given, str)
+                                        else import_path(given) or CALLER_MODEL)
+    return config.replace(models=dataclasses.replace(config.models, **changes))
+
+
+def _model_source(config: Config, role: str, models: Mapping[str, Any] | None) -> Any:
+    """What builds the ``role`` model: the object handed in, else the import path, else the
+    preset."""
+    given = (models or {}).get(role)
+    if given is not None:
+        return given
+    path = getattr(config.models, f"{role}_model")
+    if path == CALLER_MODEL:
+        raise ModelError(f'{MODEL_ROLES[role]} = "caller": this run\'s {role} model was handed '
+                         f'in from Python (fdjax.run(..., models=...)) and cannot be built '
+                         f'again; resume it from Python with the same models')
+    return path or getattr(config.models, f"{role}_preset")
+
+
+def model_specs(config: Config, splits, models: Mapping[str, Any] | None = None
+                ) -> tuple[ModelSpec, ModelSpec]:
+    """The global and small models' specs for ``config`` on data shaped like ``splits``."""
+    m = config.models
+    shape, classes = splits.train.image_shape, splits.train.num_classes
+    return tuple(ModelSpec(_model_source(config, role, models), shape, classes, width, m.norm,
+                           m.grads, key=MODEL_ROLES[role])
+                 for role, width in (("global", m.global_width), ("small", m.small_width)))
+
+
 @dataclasses.dataclass
 class _Specs:
-    """The run's model settings (hashable tuples for ``_program``) and its three costs."""
+    """The run's models (``ModelSpec``s, keys of ``fdjax.programs``) and its three costs."""
 
-    large: tuple
-    small: tuple
-    client: tuple
+    large: ModelSpec
+    small: ModelSpec
+    client: ModelSpec
     client_cost: Cost
     server_cost: Cost
     forward_cost: Cost
 
 
-def _specs(config: Config, method: Method, splits) -> _Specs:
-    m, c = config.models, config.cost
-    shape, classes = splits.train.image_shape, splits.train.num_classes
-    large = (m.global_preset, shape, classes, m.global_width, m.norm, m.grads)
-    small = (m.small_preset, shape, classes, m.small_width, m.norm, m.grads)
+def _specs(config: Config, method: Method, splits, models: Mapping[str, Any] | None = None
+           ) -> _Specs:
+    """The run's specs, each model the method uses built and checked (a ``ModelError`` here
+    comes before anything of the run is written)."""
+    c = config.cost
+    large, small = model_specs(config, splits, models)
     large_clients = method.clients_train == "large"
+    for spec in {large, small} if method.distill_mode is not None else {large if large_clients
+                                                                         else small}:
+        programs.model(spec)
     client_rate = (c.large_client_seconds_per_example
                    if large_clients and c.large_client_seconds_per_example is not None
                    else c.client_seconds_per_example)
@@ -292,18 +326,18 @@ class _Components:
         return self.averaging.params if self.distiller else None
 
 
-def _build(config: Config, method: Method, splits, fed, deployment) -> _Components:
+def _build(config: Config, method: Method, splits, fed, deployment, specs: _Specs
+           ) -> _Components:
     """Turns a config into its nodes (clients, both servers), clock and channels.
 
     The nodes are built before the event loop exists, so a resumed run can restore their state
     and start the loop's clock at the checkpoint's time.
     """
-    specs = _specs(config, method, splits)
     key = jax.random.key(config.seed)
     clock = deployment.clock() if deployment else Clock(virtual=config.clock == "virtual")
     network = Network(config.cost.latency, config.cost.bandwidth)
-    trainer = _program("trainer", specs.client, config.clients.optimizer,
-                       config.clients.learning_rate, config.clients.batch_size)
+    trainer = programs.trainer(specs.client, config.clients.optimizer,
+                               config.clients.learning_rate, config.clients.batch_size)
     ctx = Context(clock, asyncio.Event())
     server_device = Device("server", config.server.device_speed, config.server.device_slots)
     distill_device = (Device("distiller", config.server.device_speed, 1)
@@ -316,8 +350,8 @@ def _build(config: Config, method: Method, splits, fed, deployment) -> _Componen
     distiller = (_distiller(config, method, ctx, distill_device, averaging, published, splits,
                             fed, specs, key, deployment)
                  if method.distill_mode is not None else None)
-    observed = ((_program("evaluator", *specs.large), _program("evaluator", *specs.small))
-                if distiller else (_program("evaluator", *specs.client), None))
+    observed = ((programs.evaluator(specs.large), programs.evaluator(specs.small))
+                if distiller else (programs.evaluator(specs.client), None))
     devices = [server_device, distill_device] + [c.device for c in clients]
     return _Components(config, ctx, clock, devices, clients, client_nodes, averaging,
                        distiller, published, observed, as_device_data(splits.test.arrays()))
@@ -328,7 +362,7 @@ def _averaging(config: Config, method: Method, ctx: Context, device: Device,
                key: jax.Array, deployment) -> Any:
     """The averaging server: the method's node class with the config's settings."""
     a, dc, cc = config.aggregation, config.distill, config.clients
-    start = _program("model", *specs.client).init(jax.random.fold_in(key, 2))
+    start = programs.model(specs.client).init(jax.random.fold_in(key, 2))
     return method.averaging(
         ctx, device, start, clients, inbox, specs.server_cost, published,
         wait_for_distiller=method.waits_for_distiller, mix_distilled=method.mixes_distilled,
@@ -354,7 +388,7 @@ def _gate(config: Config, splits, fed, specs: _Specs, proxy: dict) -> tuple[dict
         kept = fed.proxy_indices[:-dc.gate_holdout]
         proxy = splits.train.subset(kept, keep_labels=config.data.keep_proxy_labels).arrays()
         held = splits.train.subset(fed.proxy_indices[-dc.gate_holdout:]).arrays()
-    gate = LeadGate(_program("evaluator", *specs.large), _program("evaluator", *specs.small),
+    gate = LeadGate(programs.evaluator(specs.large), programs.evaluator(specs.small),
                     as_device_data(held), specs.forward_cost)
     return proxy, gate
 
@@ -364,16 +398,17 @@ def _distiller(config: Config, method: Method, ctx: Context, device: Device, ave
                deployment) -> DistillationServer:
     """The distillation server, its distillers built (or, on Ray, built in its actor)."""
     dc = config.distill
-    settings = (dc.optimizer, dc.learning_rate, dc.batch_size, dc.steps_per_chunk,
-                dc.temperature, dc.label_weight, dc.augment)
-    builders = {"reverse": functools.partial(_program, "distiller", specs.large, specs.small,
-                                             *settings)}
+    settings = programs.DistillSettings(dc.optimizer, dc.learning_rate, dc.batch_size,
+                                        dc.steps_per_chunk, dc.temperature, dc.label_weight,
+                                        dc.augment)
+    builders = {"reverse": functools.partial(programs.distiller, specs.large, specs.small,
+                                             settings)}
     if method.forward:
-        builders["forward"] = functools.partial(_program, "distiller", specs.small,
-                                                specs.large, *settings)
+        builders["forward"] = functools.partial(programs.distiller, specs.small, specs.large,
+                                                settings)
     reverse = builders["reverse"]()
     forward = builders["forward"]() if method.forward else None
-    large_state = reverse.init(_program("model", *specs.large).init(jax.random.fold_in(key, 1)))
+    large_state = reverse.init(programs.model(specs.large).init(jax.random.fold_in(key, 1)))
     proxy, gate = fed.proxy.arrays(), None
     if method.mixes_distilled and dc.forward_gate == "lead":
         proxy, gate = _gate(config, splits, fed, specs, proxy)
@@ -454,12 +489,13 @@ async def _simulate(parts: _Components, observer: Observer, record: _Recorder,
 
 
 def _run(config: Config, method: Method, rundir: RunDirectory | None, splits, fed,
-         on_row: Callable[[dict], None] | None, resume: bool, deployment) -> Run:
+         on_row: Callable[[dict], None] | None, resume: bool, deployment, specs: _Specs
+         ) -> Run:
     """``run`` with the run directory checked, the data loaded and the backend connected:
     builds the run's parts, restores them if resuming, simulates, and collects the result."""
     if rundir is not None and not resume:
         rundir.start_fresh(config_to_toml(config))
-    parts = _build(config, method, splits, fed, deployment)
+    parts = _build(config, method, splits, fed, deployment, specs)
     state = RunState(config, parts.clock, parts.averaging, parts.distiller, parts.clients, [],
                      rundir)
     start = state.resume(parts.published) if resume else state.fresh_start()
@@ -528,9 +564,9 @@ def _run_to_completion(loop: asyncio.AbstractEventLoop, coroutine) -> None:
         pool.submit(loop.run_until_complete, coroutine).result()
 
 
-def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, client_spec: tuple,
-                  cost: Cost, key: jax.Array, to_server: Mailbox, deployment=None
-                  ) -> tuple[list[Client], list]:
+def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer,
+                  client_spec: ModelSpec, cost: Cost, key: jax.Array, to_server: Mailbox,
+                  deployment=None) -> tuple[list[Client], list]:
     """The clients, and the nodes that run them: each client, or a cohort per shared device.
 
     Clients named by ``faults.clients`` are ``FaultyClient``s (not allowed in cohorts: a cohort
@@ -542,8 +578,8 @@ def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, clie
     devices = [Device(f"{prefix}{d}", speed) for d, speed in enumerate(config.device_speeds)]
     faults = list(enumerate(config.faults.parsed))
     clients = []
-    example = _program("model", *client_spec).init(jax.random.key(0)) if deployment else None
-    build = functools.partial(_program, "trainer", client_spec, cc.optimizer, cc.learning_rate,
+    example = programs.model(client_spec).init(jax.random.key(0)) if deployment else None
+    build = functools.partial(programs.trainer, client_spec, cc.optimizer, cc.learning_rate,
                               cc.batch_size)
     for i, part in enumerate(fed.clients):
         arrays = part.arrays()
@@ -557,8 +593,8 @@ def _client_nodes(config: Config, ctx: Context, fed, trainer: LocalTrainer, clie
                        else Client(*args, executor=executor))
     if not cc.cohort:
         return clients, clients
-    cohort = _program("cohort", client_spec, cc.optimizer, cc.learning_rate, cc.batch_size,
-                      cc.cohort_size, cc.cohort_lanes, cc.cohort_devices)
+    cohort = programs.cohort(client_spec, cc.optimizer, cc.learning_rate, cc.batch_size,
+                             cc.cohort_size, cc.cohort_lanes, cc.cohort_devices)
     cohorts = []
     for d, device in enumerate(devices):
         members = clients[d::len(devices)]
@@ -709,7 +745,8 @@ def recorded_comparison(out_dir: str | Path) -> dict:
 def compare(config: Config, methods: Sequence[str], seeds: int = 1,
             out_dir: str | Path | None = None, target: float | None = None,
             on_row: Callable[[dict], None] | None = None, *, overwrite: bool = False,
-            resume: bool = False, data=None) -> Comparison:
+            resume: bool = False, data=None, models: Mapping[str, Any] | None = None
+            ) -> Comparison:
     """Runs every method for ``seeds`` seeds (config.seed, config.seed + 1, ...).
 
     All methods of one seed share one data split. ``target`` is the accuracy whose time the
@@ -723,6 +760,8 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
         data: a ``(splits, fed)`` pair of the caller's own, used by every method and seed (a
             seed then changes the models' initialisation and the runs' keys, not the split);
             recorded as ``data.source = "caller"``, as for ``run``.
+        models: the models of every run, recorded as for ``run``; a model that cannot be
+            built is an error before anything is written.
         resume: continue the killed comparison in ``out_dir`` (the other arguments must be
             those it recorded: see ``recorded_comparison``). Its finished runs are kept, the
             interrupted one resumes from its newest usable checkpoint (or starts again without
@@ -740,6 +779,9 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
         config = from_caller(config)
     elif data is None and config.data.source == CALLER:
         prepare_data(config)  # the one-line error
+    config = with_models(config, models)
+    for role in MODEL_ROLES:
+        _model_source(config, role, models)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if out_dir is None and resume:
@@ -751,7 +793,7 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
     try:
         with _ray_session(config):  # one Ray instance for every run of the comparison
             runs, origins = _compare_runs(config, methods, seeds, cdir, record, on_row, resume,
-                                          data)
+                                          data, models)
         comparison = Comparison(config, runs, report_target(config, target),
                                 "sync-fwd" if "sync-fwd" in methods else None, origins)
         if cdir is not None:
@@ -764,12 +806,14 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
 
 def _compare_runs(config: Config, methods: Sequence[str], seeds: int,
                   cdir: ComparisonDirectory | None, record: dict,
-                  on_row: Callable[[dict], None] | None, resume: bool, given=None
+                  on_row: Callable[[dict], None] | None, resume: bool, given=None,
+                  models: Mapping[str, Any] | None = None
                   ) -> tuple[dict[str, list[Run]], dict[str, list[str]]]:
     """Every run of a comparison, and how each came about (``Comparison.origins``).
 
     A seed's data split is loaded only when one of its runs has to run. A fresh comparison
-    loads the first one before it writes anything, so bad data leaves ``out_dir`` untouched.
+    loads the first one and builds its models before it writes anything, so bad data or a bad
+    model leaves ``out_dir`` untouched.
     """
     runs: dict[str, list[Run]] = {m: [] for m in methods}
     origins: dict[str, list[str]] = {m: [] for m in methods}
@@ -778,22 +822,24 @@ def _compare_runs(config: Config, methods: Sequence[str], seeds: int,
         data = (functools.cache(functools.partial(prepare_data, seeded)) if given is None
                 else lambda: given)
         if k == 0 and cdir is not None and not resume:
-            data()
+            for spec in model_specs(config, data()[0], models):
+                programs.model(spec)
             cdir.start(record)
         for name in methods:
             cfg = seeded.replace(method=name)
             if cdir is None:
-                result, origin = run(cfg, data=data(), on_row=on_row), "run"
+                result, origin = run(cfg, data=data(), models=models, on_row=on_row), "run"
             else:
                 result, origin = _compare_one(cfg, cdir.run_dir(name, cfg.seed), data, on_row,
-                                              resume)
+                                              resume, models)
             runs[name].append(result)
             origins[name].append(origin)
     return runs, origins
 
 
 def _compare_one(config: Config, run_dir: Path, data: Callable[[], Any],
-                 on_row: Callable[[dict], None] | None, resume: bool) -> tuple[Run, str]:
+                 on_row: Callable[[dict], None] | None, resume: bool,
+                 models: Mapping[str, Any] | None = None) -> tuple[Run, str]:
     """One run of a comparison written to ``run_dir``, and how it came about.
 
     The comparison already decided (and holds the lock on) what may be replaced, so a run that
@@ -803,12 +849,14 @@ def _compare_one(config: Config, run_dir: Path, data: Callable[[], Any],
         return load_run(run_dir, config), "kept"
     if resume and (run_dir / "config.toml").is_file():
         try:
-            return run(config, run_dir, data=data(), on_row=on_row, resume=True), "resumed"
+            return run(config, run_dir, data=data(), models=models, on_row=on_row,
+                       resume=True), "resumed"
         except CheckpointError as err:
             _logger.warning("compare: %s/seed%d starts again: %s", config.method, config.seed,
                             err)
-        return run(config, run_dir, data=data(), on_row=on_row, overwrite=True), "restarted"
-    return run(config, run_dir, data=data(), on_row=on_row, overwrite=True), "run"
+        return run(config, run_dir, data=data(), models=models, on_row=on_row,
+                   overwrite=True), "restarted"
+    return run(config, run_dir, data=data(), models=models, on_row=on_row, overwrite=True), "run"
 
 
 def _write_comparison(comparison: Comparison, cdir: ComparisonDirectory) -> None:

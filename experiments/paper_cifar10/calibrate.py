@@ -19,8 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from fdjax import programs
 from fdjax.config import load_config
-from fdjax.experiment import _program
+from fdjax.core.models import ModelSpec
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,10 +36,13 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     m, c, d = cfg.models, cfg.clients, cfg.distill
     shape, classes = (32, 32, 3), 10  # CIFAR-10; costs do not depend on pixel values
-    large = (m.global_preset, shape, classes, m.global_width, m.norm)
-    small = (m.small_preset, shape, classes, m.small_width, m.norm)
-    settings = (d.optimizer, d.learning_rate, d.batch_size, d.steps_per_chunk, d.temperature,
-                d.label_weight, d.augment)
+    large = ModelSpec(m.global_model or m.global_preset, shape, classes, m.global_width, m.norm,
+                      m.grads)
+    small = ModelSpec(m.small_model or m.small_preset, shape, classes, m.small_width, m.norm,
+                      m.grads)
+    settings = programs.DistillSettings(d.optimizer, d.learning_rate, d.batch_size,
+                                        d.steps_per_chunk, d.temperature, d.label_weight,
+                                        d.augment)
     rng = np.random.default_rng(0)
     data = {"images": jax.numpy.asarray(rng.integers(0, 256, (args.examples,) + shape, np.uint8)),
             "labels": jax.numpy.asarray(rng.integers(0, classes, args.examples, np.int32))}
@@ -46,14 +50,14 @@ def main() -> None:
     jobs = {}
     for name, spec in (("client_seconds_per_example", small),
                        ("large_client_seconds_per_example", large)):
-        trainer = _program("trainer", spec, c.optimizer, c.learning_rate, c.batch_size)
-        state = trainer.init(_program("model", *spec).init(key))
+        trainer = programs.trainer(spec, c.optimizer, c.learning_rate, c.batch_size)
+        state = trainer.init(programs.model(spec).init(key))
         jobs[name] = (lambda t=trainer, s=state: t.epoch(s, data, key), args.examples)
     for name, student, teacher in (("server_seconds_per_example", large, small),
                                    ("forward_seconds_per_example", small, large)):
-        distiller = _program("distiller", student, teacher, *settings)
-        state = distiller.init(_program("model", *student).init(key))
-        teacher_params = _program("model", *teacher).init(key)
+        distiller = programs.distiller(student, teacher, settings)
+        state = distiller.init(programs.model(student).init(key))
+        teacher_params = programs.model(teacher).init(key)
         jobs[name] = (lambda dd=distiller, s=state, tp=teacher_params: dd.chunk(s, tp, data, key),
                       d.steps_per_chunk * d.batch_size)
     for fn, _ in jobs.values():  # compile

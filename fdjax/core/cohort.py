@@ -26,20 +26,20 @@ import jax.numpy as jnp
 import optax
 
 from fdjax.core import training
-from fdjax.core.training import ApplyFn, Metrics, TrainState
+from fdjax.core.training import Metrics, TrainFn, TrainState
 
 Plan = tuple[jax.Array, jax.Array]
 
 
 def masked_train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
-                      apply_fn: ApplyFn, optimizer: optax.GradientTransformation
+                      train_fn: TrainFn, optimizer: optax.GradientTransformation
                       ) -> tuple[TrainState, Metrics]:
     """``training.train_step``, except that a batch with no real example changes nothing.
 
     Without the guard a padded step would still move the parameters (momentum) and advance the
     optimizer's counters; with it, a client's extra cohort steps are exact no-ops.
     """
-    new_state, stats = training.train_step(state, batch, key, apply_fn=apply_fn,
+    new_state, stats = training.train_step(state, batch, key, train_fn=train_fn,
                                            optimizer=optimizer)
     active = jnp.sum(batch["mask"]) > 0
     state = jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new_state, state)
@@ -87,7 +87,7 @@ def cohort_planned_step(step_fn: Callable, states: Any, data: dict[str, jax.Arra
 
 
 def scan_cohort_epoch(states: TrainState, data: dict[str, jax.Array], keys: jax.Array,
-                      sizes: jax.Array, offsets: jax.Array, *, apply_fn: ApplyFn,
+                      sizes: jax.Array, offsets: jax.Array, *, train_fn: TrainFn,
                       optimizer: optax.GradientTransformation, batch_size: int, steps: int
                       ) -> tuple[TrainState, Metrics]:
     """One local epoch of every client of the cohort as a single ``lax.scan``.
@@ -95,6 +95,6 @@ def scan_cohort_epoch(states: TrainState, data: dict[str, jax.Array], keys: jax.
     Returns the stacked states and per-client summed metrics (each ``[K]``).
     """
     plan, step_keys = cohort_epoch_plan(keys, sizes, offsets, batch_size, steps)
-    step = lambda s, b, k: masked_train_step(s, b, k, apply_fn=apply_fn, optimizer=optimizer)
+    step = lambda s, b, k: masked_train_step(s, b, k, train_fn=train_fn, optimizer=optimizer)
     return jax.vmap(lambda s, p, k: training.scan_steps(step, s, data, p, k))(
         states, plan, step_keys)

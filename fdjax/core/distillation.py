@@ -1,8 +1,8 @@
-"""Knowledge distillation between two models of the CNN family.
+"""Knowledge distillation between two models (any two Flax modules with the same classes).
 
 One loss and one step serve both directions of the paper: forward distillation (the large global
 model teaches the small distilled model) and reverse distillation (the averaged small model teaches
-the large global model). Which model is teacher is only a matter of which ``apply_fn`` and
+the large global model). Which model is teacher is only a matter of which apply functions and
 parameters are passed.
 
 The loss is Hinton et al.'s temperature-scaled KL divergence, ``T^2 * KL(softmax(t/T) ||
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from fdjax.core.augment import augment_images
-from fdjax.core.training import ApplyFn, Metrics, TrainState, sample_plan, scan_steps
+from fdjax.core.training import (ApplyFn, Metrics, TrainFn, TrainState, sample_plan, scan_steps,
+                                 with_state)
 
 
 def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -79,13 +80,16 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temp
 
 
 def distill_step(state: TrainState, teacher_params: Any, batch: dict[str, jax.Array],
-                 key: jax.Array, *, student_apply: ApplyFn, teacher_apply: ApplyFn,
+                 key: jax.Array, *, student_train: TrainFn, teacher_apply: ApplyFn,
                  optimizer: optax.GradientTransformation, temperature: float,
                  label_weight: float = 0.0, augment: str = "none") -> tuple[TrainState, Metrics]:
     """One optimizer step of the student towards the teacher on ``batch``.
 
     ``augment`` (see ``fdjax.core.augment``) draws a fresh flipped/cropped view of the batch from
-    ``key``; teacher and student see the same view.
+    ``key``; teacher and student see the same view. The teacher runs in evaluation mode
+    (``teacher_apply``: no dropout, BatchNorm's running statistics), the student in training
+    mode (``student_train``: dropout from a key folded from ``key``, its BatchNorm statistics
+    updated on the distillation batches as local training updates them on a client's).
 
     Returns the new student state and summed metrics: ``loss_sum`` (distillation loss),
     ``agree`` (examples where student and teacher predict the same class) and ``count``.
@@ -95,18 +99,22 @@ def distill_step(state: TrainState, teacher_params: Any, batch: dict[str, jax.Ar
     labels = batch.get("labels") if label_weight else None
     mask = batch["mask"]
 
+    dropout_key = jax.random.fold_in(key, 1)
+
     def loss_fn(params):
-        student_logits = student_apply(params, images)
+        student_logits, model_state = student_train(params, images, dropout_key)
         loss = distillation_loss(student_logits, teacher_logits, temperature, mask, labels,
                                  label_weight)
-        return loss, student_logits
+        return loss, (student_logits, model_state)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     count = jnp.sum(mask)
     agree = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)) * mask)
     metrics = {"loss_sum": loss * count, "agree": agree.astype(jnp.float32), "count": count}
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), metrics
+    params = with_state(optax.apply_updates(state.params, updates), model_state)
+    return TrainState(params, opt_state), metrics
 
 
 def distill_plan(key: jax.Array, num_examples: int, batch_size: int, steps: int):

@@ -43,6 +43,8 @@ and centred inside the model, so every data source feeds the same pixels.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -86,7 +88,8 @@ class CNN(nn.Module):
     grads: str = "xla"
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # deterministic and stateless: the same in training and evaluation
         x = images
         if jnp.issubdtype(x.dtype, jnp.integer):
             x = x.astype(self.dtype) / 255.0
@@ -124,30 +127,63 @@ def _groups(channels: int) -> int:
     return 1
 
 
+#: Where ``Model.train_fn`` finds the dropout key: the rng stream Flax's ``nn.Dropout`` reads.
+DROPOUT = "dropout"
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A model as the core sees it: an ``apply_fn(params, images) -> logits`` and an ``init``.
+    """A model as the core sees it: any Flax module, its input shape and its class count.
+
+    The module's ``__call__(images, *, train: bool)`` returns logits ``[batch, num_classes]``.
+    Its variables (``init``) are the whole pytree the core passes around as "params": the
+    ``params`` collection, which the optimizer trains, and any state collections (BatchNorm's
+    ``batch_stats``), which training updates through Flax's ``mutable`` and which FedAvg,
+    distillation and checkpoints carry like any other leaf.
 
     Attributes:
-        name: preset name, e.g. ``"cnn6"``.
+        name: preset name (``"cnn6"``), import path or the module's class name.
         module: the Flax module.
         input_shape: one example's shape, (height, width, channels).
         num_classes: number of logits.
     """
 
     name: str
-    module: CNN
-    input_shape: tuple[int, int, int]
+    module: nn.Module
+    input_shape: tuple[int, ...]
     num_classes: int
 
     @property
     def apply_fn(self) -> Callable[[Any, jax.Array], jax.Array]:
-        return self.module.apply
+        """``(variables, images) -> logits`` in evaluation mode (``train=False``): no dropout,
+        BatchNorm's running statistics. Teachers and evaluation use it."""
+        return functools.partial(_evaluate_apply, self.module)
+
+    @property
+    def train_fn(self) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]:
+        """``(variables, images, key) -> (logits, state)`` in training mode (``train=True``).
+
+        ``key`` is the step's key, given to the ``dropout`` rng stream; ``state`` holds the
+        updated state collections (``batch_stats``), empty for a stateless model.
+        """
+        return functools.partial(_train_apply, self.module)
 
     def init(self, key: jax.Array) -> Any:
-        """Fresh parameters for this model, from ``key``."""
-        dummy = jnp.zeros((1,) + self.input_shape, jnp.uint8)
-        return self.module.init(key, dummy)
+        """Fresh variables for this model, from ``key`` (evaluation mode, so no dropout key)."""
+        dummy = jnp.zeros((1,) + tuple(self.input_shape), jnp.uint8)
+        return self.module.init(key, dummy, train=False)
+
+
+def _evaluate_apply(module: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
+    return module.apply(variables, images, train=False)
+
+
+def _train_apply(module: nn.Module, variables: Any, images: jax.Array, key: jax.Array
+                 ) -> tuple[jax.Array, Any]:
+    state = [name for name in variables if name != "params"]
+    if not state:
+        return module.apply(variables, images, train=True, rngs={DROPOUT: key}), {}
+    return module.apply(variables, images, train=True, rngs={DROPOUT: key}, mutable=state)
 
 
 def make_model(preset: str, *, input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
@@ -193,3 +229,130 @@ def make_model(preset: str, *, input_shape: Sequence[int] = (32, 32, 3), num_cla
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter pytree."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+class ModelError(ValueError):
+    """A model that cannot be built: an import path that does not import, a factory that does
+    not return a Flax module, or a module whose logits have the wrong shape. The message names
+    the setting (``models.global_model``, say) and fits on one line."""
+
+
+#: What a model setting says when the module came from Python (``fdjax.run(..., models=...)``)
+#: as an object no import path names: such a run cannot be rebuilt from its ``config.toml``.
+CALLER = "caller"
+
+
+def import_factory(path: str, key: str = "model") -> Callable[..., Any]:
+    """The object ``"package.module:attribute"`` names (``attribute`` may be dotted).
+
+    Raises:
+        ModelError: naming ``key``, when the path is malformed or does not import.
+    """
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ModelError(f"{key}: {path!r} is not an import path; write 'package.module:factory'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or whatever the module raises while importing
+        raise ModelError(f"{key}: cannot import {module_name!r} ({type(err).__name__}: "
+                         f"{_first_line(err)})") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ModelError(f"{key}: module {module_name!r} has no {attribute!r}")
+        target = getattr(target, part)
+    return target
+
+
+def import_path(obj: Any) -> str | None:
+    """``"module:qualname"`` of a module-level function or class that imports back to ``obj``
+    (so a run handed it from Python can record it and be resumed from its config); else None."""
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not name or "<" in name or module == "__main__":
+        return None
+    try:
+        return f"{module}:{name}" if import_factory(f"{module}:{name}") is obj else None
+    except ModelError:
+        return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything a model is built from; hashable, so built models and programs are shared.
+
+    Attributes:
+        source: a preset name (``"cnn6"``, ``"cnn12"``), an import path
+            ``"package.module:factory"``, a factory or a ``flax.linen.Module``. A factory is
+            called as ``factory(num_classes=..., input_shape=...)`` and returns the module.
+        input_shape: one example's shape, (height, width, channels).
+        num_classes: number of logits.
+        width, norm, grads: the presets' settings (see ``make_model``); unused by other sources.
+        key: the setting the model comes from, named by every error.
+    """
+
+    source: Any
+    input_shape: tuple[int, ...]
+    num_classes: int
+    width: float = 1.0
+    norm: str = "none"
+    grads: str = "auto"
+    key: str = dataclasses.field(default="model", compare=False)
+
+    def build(self) -> Model:
+        """The model, checked on one example: its logits must be ``[1, num_classes]``.
+
+        Raises:
+            ModelError: naming ``key``, for a factory that does not import or does not return
+                a module, or a module that fails on one example or gives logits of another shape.
+        """
+        if isinstance(self.source, str) and self.source in PRESETS:
+            return make_model(self.source, input_shape=self.input_shape,
+                              num_classes=self.num_classes, width=self.width, norm=self.norm,
+                              grads=self.grads)
+        module, name = self._module()
+        model = Model(name, module, tuple(int(s) for s in self.input_shape), int(self.num_classes))
+        _check_logits(model, self.key)
+        return model
+
+    def _module(self) -> tuple[nn.Module, str]:
+        source, name = self.source, getattr(self.source, "__name__", type(self.source).__name__)
+        if isinstance(source, str):
+            source, name = import_factory(source, self.key), source
+        if not isinstance(source, nn.Module):
+            if not callable(source):
+                raise ModelError(f"{self.key}: {name} is neither a flax.linen.Module nor a "
+                                 f"factory that returns one")
+            try:
+                source = source(num_classes=int(self.num_classes),
+                                input_shape=tuple(int(s) for s in self.input_shape))
+            except Exception as err:
+                raise ModelError(f"{self.key}: {name}(num_classes=..., input_shape=...) raised "
+                                 f"{type(err).__name__}: {_first_line(err)}") from None
+            if not isinstance(source, nn.Module):
+                raise ModelError(f"{self.key}: {name} returned a {type(source).__name__}, not a "
+                                 f"flax.linen.Module")
+        return source, name
+
+
+def _check_logits(model: Model, key: str) -> None:
+    """Traces (never runs) init and both modes on one example and checks the logits' shape."""
+    dummy = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.uint8)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    try:
+        variables = jax.eval_shape(model.init, rng)
+        shapes = [jax.eval_shape(model.apply_fn, variables, dummy),
+                  jax.eval_shape(model.train_fn, variables, dummy, rng)[0]]
+    except Exception as err:
+        raise ModelError(f"{key}: {model.name} fails on one {tuple(model.input_shape)} image "
+                         f"with train=False/True ({type(err).__name__}: {_first_line(err)})"
+                         ) from None
+    want = (1, model.num_classes)
+    for logits in shapes:
+        if getattr(logits, "shape", None) != want:
+            got = getattr(logits, "shape", type(logits).__name__)
+            raise ModelError(f"{key}: {model.name} gives logits of shape {got} for one "
+                             f"{tuple(model.input_shape)} image; expected {want}")

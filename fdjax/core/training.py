@@ -23,7 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+#: ``(variables, images) -> logits``, evaluation mode (``fdjax.core.models.Model.apply_fn``).
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
+#: ``(variables, images, key) -> (logits, state)``, training mode (``Model.train_fn``): ``key``
+#: feeds dropout, ``state`` holds the updated state collections (BatchNorm's ``batch_stats``).
+TrainFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 Metrics = dict[str, jax.Array]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
@@ -104,23 +108,30 @@ def add_metrics(a: Metrics, b: Metrics) -> Metrics:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
-               apply_fn: ApplyFn, optimizer: optax.GradientTransformation
+               train_fn: TrainFn, optimizer: optax.GradientTransformation
                ) -> tuple[TrainState, Metrics]:
     """One optimizer step of masked mean cross-entropy on ``batch``.
 
-    ``key`` is unused by the deterministic CNNs but kept so every step has the shape
-    ``(state, batch, key) -> (state, metrics)``.
+    ``key`` is the step's dropout key (unused by the deterministic CNNs). The optimizer steps
+    the whole variable tree, whose state collections get no gradient (training-mode BatchNorm
+    normalises with the batch's statistics, not the running ones); those collections then take
+    the values the forward pass computed (``with_state``).
     """
-    del key
 
     def loss_fn(params):
-        logits = apply_fn(params, batch["images"])
+        logits, model_state = train_fn(params, batch["images"], key)
         stats = classification_metrics(logits, batch["labels"], batch["mask"])
-        return stats["loss_sum"] / jnp.maximum(stats["count"], 1.0), stats
+        return stats["loss_sum"] / jnp.maximum(stats["count"], 1.0), (stats, model_state)
 
-    grads, stats = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (stats, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), stats
+    params = with_state(optax.apply_updates(state.params, updates), model_state)
+    return TrainState(params, opt_state), stats
+
+
+def with_state(variables: Any, model_state: Any) -> Any:
+    """``variables`` with the state collections of ``model_state`` replaced (same tree)."""
+    return {**variables, **model_state} if model_state else variables
 
 
 def num_steps(num_examples: int, batch_size: int) -> int:
@@ -246,10 +257,10 @@ def scan_steps(step_fn: Callable, state: Any, data: dict[str, jax.Array],
 
 
 def scan_epoch(state: TrainState, data: dict[str, jax.Array], key: jax.Array, *,
-               apply_fn: ApplyFn, optimizer: optax.GradientTransformation, batch_size: int
+               train_fn: TrainFn, optimizer: optax.GradientTransformation, batch_size: int
                ) -> tuple[TrainState, Metrics]:
     """One local epoch as a single ``lax.scan`` over shuffled, padded batches."""
     plan_key, step_key = jax.random.split(key)
     plan = epoch_plan(plan_key, data["labels"].shape[0], batch_size)
-    step = lambda s, b, k: train_step(s, b, k, apply_fn=apply_fn, optimizer=optimizer)
+    step = lambda s, b, k: train_step(s, b, k, train_fn=train_fn, optimizer=optimizer)
     return scan_steps(step, state, data, plan, step_key)

@@ -104,7 +104,7 @@ class LocalTrainer:
     """One local epoch of supervised training, compiled once.
 
     Args:
-        model: the model being trained (its ``apply_fn`` is fixed at construction).
+        model: the model being trained (its ``train_fn`` is fixed at construction).
         optimizer: an optax optimizer (see ``fdjax.core.make_optimizer``).
         batch_size: examples per step; the last batch of an epoch is padded and masked.
         driver: "auto", "loop" or "scan" (see the module docstring).
@@ -116,12 +116,12 @@ class LocalTrainer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.optimizer, self.batch_size = model, optimizer, int(batch_size)
         self.driver = resolve_driver(driver)
-        step = functools.partial(training.train_step, apply_fn=model.apply_fn,
+        step = functools.partial(training.train_step, train_fn=model.train_fn,
                                  optimizer=optimizer)
         self.step = _compile(functools.partial(training.planned_step, step))
         self.plan = _compile(training.epoch_plan, static_argnums=(1, 2))
         self.scan_epoch = _compile(functools.partial(
-            training.scan_epoch, apply_fn=model.apply_fn, optimizer=optimizer,
+            training.scan_epoch, train_fn=model.train_fn, optimizer=optimizer,
             batch_size=self.batch_size))
         # compiled: built op by op, a fresh optimizer state cost ~7 ms per client on XLA CPU
         self.start = _compile(functools.partial(training.init_train_state, optimizer=optimizer))
@@ -259,7 +259,7 @@ class CohortTrainer:
         self.mesh = CohortMesh.choose(devices, lanes, resolve_lanes(lanes))
         self.lanes = "vmap" if self.mesh is not None else resolve_lanes(lanes)
         self.driver = resolve_driver(driver) if self.lanes == "vmap" else "loop"
-        settings = dict(apply_fn=model.apply_fn, optimizer=optimizer)
+        settings = dict(train_fn=model.train_fn, optimizer=optimizer)
         self.fold = _compile(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
         if self.mesh is None:
             self._compile_vmapped(settings)
@@ -502,7 +502,7 @@ class Distiller:
         self.optimizer, self.batch_size, self.steps = optimizer, int(batch_size), int(steps)
         self.label_weight = float(label_weight)
         self.driver = resolve_driver(driver)
-        settings = dict(student_apply=student.apply_fn, teacher_apply=teacher.apply_fn,
+        settings = dict(student_train=student.train_fn, teacher_apply=teacher.apply_fn,
                         optimizer=optimizer, temperature=float(temperature),
                         label_weight=self.label_weight, augment=augment)
         step = functools.partial(distillation.distill_step, **settings)

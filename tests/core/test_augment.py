@@ -69,7 +69,7 @@ def test_augmented_distillation_step_uses_its_key_and_plain_one_ignores_it():
 
     def step(kind, seed):
         new, metrics = distill_step(state, tparams, batch, jax.random.key(seed),
-                                    student_apply=model.apply_fn, teacher_apply=teacher.apply_fn,
+                                    student_train=model.train_fn, teacher_apply=teacher.apply_fn,
                                     optimizer=optimizer, temperature=2.0, augment=kind)
         return new.params, float(metrics["loss_sum"])
 

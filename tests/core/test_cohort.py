@@ -21,8 +21,8 @@ STEPS = 8  # plan rows: more than the largest client's 5 steps, a power of two
 def setup():
     model = make_model("cnn6", input_shape=(8, 8, 1), num_classes=4, width=0.25)
     optimizer = make_optimizer()
-    step = functools.partial(training.train_step, apply_fn=model.apply_fn, optimizer=optimizer)
-    masked = functools.partial(cohort.masked_train_step, apply_fn=model.apply_fn,
+    step = functools.partial(training.train_step, train_fn=model.train_fn, optimizer=optimizer)
+    masked = functools.partial(cohort.masked_train_step, train_fn=model.train_fn,
                                optimizer=optimizer)
     return model.init(jax.random.key(0)), optimizer, {
         "alone_step": jax.jit(functools.partial(training.planned_step, step)),
@@ -34,7 +34,7 @@ def setup():
         "cohort_plan": jax.jit(cohort.cohort_epoch_plan, static_argnums=(3, 4)),
         "cohort_init": jax.jit(functools.partial(cohort.cohort_init, optimizer=optimizer),
                                static_argnums=(1,)),
-        "scan": jax.jit(functools.partial(cohort.scan_cohort_epoch, apply_fn=model.apply_fn,
+        "scan": jax.jit(functools.partial(cohort.scan_cohort_epoch, train_fn=model.train_fn,
                                           optimizer=optimizer, batch_size=BATCH),
                         static_argnames=("steps",)),
     }

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -289,4 +290,23 @@ def test_fedbuff_runs_on_ray_with_no_ray_code_of_its_own(ray_instance, tmp_path)
 
     assert not any(issubclass(cls, (nodes.Client, nodes.AveragingServer,
                                     nodes.DistillationServer)) for cls in node_classes)
+    assert fdjax_actors() == []
+
+
+def test_models_from_import_paths_are_built_in_the_actors(ray_instance, tmp_path):
+    """The ResNets with BatchNorm and Dropout, named by import path: each actor imports the
+    factory and builds its own programs; the running statistics come back trained."""
+    cfg = ray_tiny("async-continuous", "models.global_model=fdjax.core.resnet:resnet10",
+                   "models.small_model=fdjax.core.resnet:resnet6", "clients.batch_size=8",
+                   "stop.target_accuracy=none", "stop.time_budget=20")
+    result = run(cfg, tmp_path / "run")
+    rows = check_run_directory(tmp_path / "run", "async-continuous")
+    assert len(rows) >= 3 and rows[-1]["round"] >= 2 and rows[-1]["distill_chunks"] >= 1
+    assert 'small_model = "fdjax.core.resnet:resnet6"' in (
+        tmp_path / "run" / "config.toml").read_text()
+    for params in (result.small_params, result.global_params):
+        stats = jax.tree_util.tree_flatten_with_path(params["batch_stats"])[0]
+        means = [np.asarray(v) for path, v in stats if jax.tree_util.keystr(path)[-7:-1] ==
+                 "'mean'"]
+        assert means and all(np.abs(m).max() > 1e-3 for m in means)  # they start at zero
     assert fdjax_actors() == []
