@@ -195,13 +195,7 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
             reached or cannot place the actors. ``ModelError`` (a ``ValueError``) for a model
             that cannot be built, before anything is written.
     """
-    if data is not None and not isinstance(data, PreparedData):
-        config = from_caller(config)
-    elif data is None and config.data.source == CALLER:
-        prepare_data(config)  # the one-line error, before anything is opened or written
-    config = with_models(config, models)
-    for role in MODEL_ROLES:  # a "caller" model without models=: the one-line error, early
-        _model_source(config, role, models)
+    config = _as_recorded(config, data, models)
     method = get_method(config.method)
     rundir = _open_run_dir(out_dir, config, resume, overwrite)
     try:
@@ -218,6 +212,23 @@ def run(config: Config, out_dir: str | Path | None = None, *, data=None,
     finally:
         if rundir is not None:
             rundir.close()
+
+
+def _as_recorded(config: Config, data, models: Mapping[str, Any] | None) -> Config:
+    """``config`` as a run or comparison records it, given what the caller handed in.
+
+    Data or models that came from Python are marked so (``data.source``, ``models.*_model``);
+    a config whose data or model only the caller can give, given without it, is the one-line
+    error here, before anything is opened or written.
+    """
+    if data is not None and not isinstance(data, PreparedData):
+        config = from_caller(config)
+    elif data is None and config.data.source == CALLER:
+        prepare_data(config)  # raises the one-line error
+    config = with_models(config, models)
+    for role in MODEL_ROLES:
+        _model_source(config, role, models)  # raises for a "caller" model not handed in
+    return config
 
 
 #: What ``models=`` may name, and the setting each records to.
@@ -291,15 +302,15 @@ def _specs(config: Config, method: Method, splits, models: Mapping[str, Any] | N
     c = config.cost
     large, small = model_specs(config, splits, models)
     large_clients = method.clients_train == "large"
-    for spec in {large, small} if method.distill_mode is not None else {large if large_clients
-                                                                         else small}:
+    client = large if large_clients else small
+    for spec in {large, small} if method.distill_mode is not None else {client}:
         programs.model(spec)
     client_rate = (c.large_client_seconds_per_example
                    if large_clients and c.large_client_seconds_per_example is not None
                    else c.client_seconds_per_example)
     forward_rate = (c.server_seconds_per_example if c.forward_seconds_per_example is None
                     else c.forward_seconds_per_example)
-    return _Specs(large, small, large if large_clients else small, Cost(c.mode, client_rate),
+    return _Specs(large, small, client, Cost(c.mode, client_rate),
                   Cost(c.mode, c.server_seconds_per_example), Cost(c.mode, forward_rate))
 
 
@@ -775,13 +786,7 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
     """
     for name in methods:
         get_method(name)
-    if data is not None and not isinstance(data, PreparedData):
-        config = from_caller(config)
-    elif data is None and config.data.source == CALLER:
-        prepare_data(config)  # the one-line error
-    config = with_models(config, models)
-    for role in MODEL_ROLES:
-        _model_source(config, role, models)
+    config = _as_recorded(config, data, models)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if out_dir is None and resume:
