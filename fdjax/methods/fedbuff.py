@@ -19,7 +19,7 @@ empty) and the Ray backend come from the shared nodes unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -29,7 +29,16 @@ from fdjax.runtime.executors import Program
 from fdjax.runtime.nodes import AveragingServer, Update, _wait
 
 #: The server step, compiled once per process wherever the averaging server's executor runs it.
-buffered_step = Program(aggregation.buffered_update, ("kind", "clip_norm"))
+def buffered_models(params: Any, models: Sequence[Any], bases: Sequence[Any], examples: Any,
+                    staleness: Any, **settings: Any) -> Any:
+    """``aggregation.buffered_update`` of lists of models and their bases, stacked inside the
+    compiled program (one call, not an eager stacking op per leaf)."""
+    return aggregation.buffered_update(params, aggregation.stack_trees(models),
+                                       aggregation.stack_trees(bases), examples, staleness,
+                                       **settings)
+
+
+buffered_step = Program(buffered_models, ("kind", "clip_norm"))
 
 
 class FedBuffServer(AveragingServer):
@@ -102,11 +111,10 @@ class FedBuffServer(AveragingServer):
 
     async def _publish(self) -> None:
         updates, bases, staleness = zip(*self.buffer)
-        models = aggregation.stack_trees([u.params for u in updates])
-        base_stack = aggregation.stack_trees(list(bases))
+        models = [u.params for u in updates]
         examples = np.asarray([u.examples for u in updates], np.float32)
         self.params, charged = await self.ctx.clock.compute(
-            self.device, lambda: self.apply_buffer(models, base_stack, examples,
+            self.device, lambda: self.apply_buffer(models, list(bases), examples,
                                                    np.asarray(staleness, np.int32)),
             cost=self.cost, examples=len(updates), program=("fedbuff", len(updates)),
             node=self.name, label="fedbuff")
@@ -114,9 +122,10 @@ class FedBuffServer(AveragingServer):
         self.buffer = []
         self._end_round(len(updates))
 
-    def apply_buffer(self, models: Any, bases: Any, examples: np.ndarray,
+    def apply_buffer(self, models: Sequence[Any], bases: Sequence[Any], examples: np.ndarray,
                      staleness: np.ndarray) -> Any:
-        """The computation of a publish (``aggregation.buffered_update``)."""
+        """The computation of a publish (``aggregation.buffered_update`` of the buffer's models
+        and the models they were trained from)."""
         return self.executor.call(buffered_step, self.params, models, bases, examples, staleness,
                                   kind=self.kind, a=self.a, b=self.b, server_lr=self.server_lr,
                                   clip_norm=self.rule.clip_norm)

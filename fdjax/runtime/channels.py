@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -17,8 +18,8 @@ import numpy as np
 
 def tree_bytes(tree: Any) -> int:
     """Bytes of the arrays in a pytree (what a model costs to send)."""
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
-                   for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")))
+    return sum(np.dtype(x.dtype).itemsize * math.prod(x.shape)
+               for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape"))
 
 
 @dataclasses.dataclass

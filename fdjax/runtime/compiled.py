@@ -81,6 +81,17 @@ def _compile(fn, **jit_kwargs):
     return jax.jit(fn, **jit_kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_fold_in():
+    return _compile(jax.random.fold_in)
+
+
+def fold_in(key: jax.Array, data: Any) -> jax.Array:
+    """``jax.random.fold_in``, compiled: the nodes derive a key per epoch, chunk and version,
+    and op by op that cost ~0.1 ms each on XLA CPU, about 15x the compiled call."""
+    return _compiled_fold_in()(key, data)
+
+
 def resolve_driver(driver: str = "auto", backend: str | None = None) -> str:
     """The epoch driver to use: ``"loop"`` on CPU, ``"scan"`` on accelerators, unless forced."""
     if driver not in DRIVERS:
@@ -511,10 +522,12 @@ class Distiller:
         self.scan_chunk = _compile(functools.partial(
             distillation.scan_distill_chunk, steps=self.steps, batch_size=self.batch_size,
             **settings))
+        # compiled, as LocalTrainer's: forward distillation starts a fresh student state
+        self.start = _compile(functools.partial(training.init_train_state, optimizer=optimizer))
 
     def init(self, params: Any) -> TrainState:
         """A student state around ``params`` with a fresh optimizer state."""
-        return training.init_train_state(params, self.optimizer)
+        return self.start(params)
 
     def chunk(self, state: TrainState, teacher_params: Any, data: Mapping[str, jax.Array],
               key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from fdjax.runtime.compiled import LocalTrainer, _compile
+from fdjax.runtime.compiled import LocalTrainer, _compile, fold_in
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,8 +65,7 @@ def local_epochs(trainer: LocalTrainer, data: dict, params: Any, key: jax.Array,
     """
     state = trainer.init(params)
     for epoch in range(epochs):
-        state, _ = trainer.epoch(state, data, jax.random.fold_in(jax.random.fold_in(key, version),
-                                                                 epoch))
+        state, _ = trainer.epoch(state, data, fold_in(fold_in(key, version), epoch))
     return state.params
 
 

@@ -130,3 +130,23 @@ def test_cpu_programs_compile_with_the_ynnpack_option_and_it_can_be_turned_off(m
     for a, b in zip(jax.tree_util.tree_leaves(ends[0][0]), jax.tree_util.tree_leaves(ends[1][0])):
         np.testing.assert_allclose(a, b, atol=1e-2)
     assert abs(ends[0][1] - ends[1][1]) <= 1e-3 * abs(ends[1][1])
+
+
+def test_the_compiled_fold_in_gives_jax_s_keys():
+    key = jax.random.key(7)
+    for data in (0, 1, 5, 2**31 - 1, np.int32(3)):
+        np.testing.assert_array_equal(jax.random.key_data(compiled.fold_in(key, data)),
+                                      jax.random.key_data(jax.random.fold_in(key, data)))
+
+
+def test_a_fresh_student_state_is_compiled_once_and_equals_the_eager_one(counted):
+    from fdjax.core import training
+    from fdjax.runtime.compiled import Distiller
+
+    model = make_model("cnn6", input_shape=(8, 8, 1), num_classes=4, width=0.25)
+    distiller = Distiller(model, model, make_optimizer(), batch_size=8, steps=2)
+    params = model.init(jax.random.key(0))
+    for _ in range(3):
+        state = distiller.init(params)
+    eager = training.init_train_state(params, distiller.optimizer)
+    chex.assert_trees_all_equal(state, eager)

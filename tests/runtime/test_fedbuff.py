@@ -6,6 +6,7 @@ What every method must do (learn, reject garbage, sample, resume) is in
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +34,26 @@ def test_with_no_staleness_the_step_is_fedavg_of_the_buffer():
     expected = aggregation.fedavg(stacked, examples)
     for a, b in zip(jax.tree_util.tree_leaves(step), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_servers_programs_stack_the_models_inside_and_give_the_core_s_result():
+    from fdjax.methods.fedbuff import buffered_step
+    from fdjax.runtime.nodes import aggregate_updates
+
+    params = tree(0.0, 1.0, 2.0)
+    models = [tree(1.0, 2.0, 3.0), tree(3.0, -1.0, 0.5), tree(0.25, 0.0, 8.0)]
+    bases = [params, tree(0.5, 0.5, 0.5), params]
+    examples, staleness = np.asarray([10, 30, 60], np.float32), np.asarray([0, 2, 1], np.int32)
+    rule = aggregation.AggregationRule("median")
+    for got, want in [
+            (aggregate_updates(models, examples, rule=rule),
+             aggregation.aggregate(aggregation.stack_trees(models), examples, rule=rule)),
+            (buffered_step(params, models, bases, examples, staleness, kind="hinge", a=1.0,
+                           b=2.0, clip_norm=None),
+             aggregation.buffered_update(params, aggregation.stack_trees(models),
+                                         aggregation.stack_trees(bases), examples, staleness,
+                                         kind="hinge", a=1.0, b=2.0))]:
+        chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind,a,b,staleness,weight", [
