@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
+# One persistent XLA compilation cache for the whole suite run, set before anything imports JAX.
+# The suite compiles the same small programs again and again in separate processes: both xdist
+# workers, and the subprocesses that tests start (killed-and-resumed runs, the four-device
+# cohort checks, the CLI). Each process compiled them all anew; a cache shared by the run lets
+# a later process load what an earlier one compiled (the cohort checks' subprocess: 29 s cold,
+# 7 s warm). The cache starts empty in every run, as on a fresh machine, and is deleted after
+# it: a run is timed cold. The workers and subprocesses find it through the environment.
+_CACHE_OWNER = "FDJAX_TEST_XLA_CACHE"
+_MADE_CACHE = None  # set in the one process that made it
+if not os.environ.get(_CACHE_OWNER) and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ[_CACHE_OWNER] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="fdjax-test-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # default: only > 1 s
+    _MADE_CACHE = os.environ[_CACHE_OWNER]
 
-from fdjax.data import TFDS_DIR_VARIABLE, default_tfds_dir
+import pytest  # noqa: E402
+
+from fdjax.data import TFDS_DIR_VARIABLE, default_tfds_dir  # noqa: E402
 
 #: One setting locates the prepared TFDS directory; the default is the checkout's sibling.
 TFDS_DIR = default_tfds_dir()
@@ -18,3 +36,27 @@ def tfds_dir() -> str:
         pytest.skip(f"prepared CIFAR-10 TFDS directory not found at {TFDS_DIR} "
                     f"(set {TFDS_DIR_VARIABLE})")
     return TFDS_DIR
+
+
+#: The modules whose tests take longest (Ray instances and clusters, subprocesses, the notebook),
+#: from ``--durations``. They are collected first, each module's tests kept in their order, so
+#: that with ``-n 2`` both workers start on them and the run ends on short tests instead of one
+#: worker finishing a long one while the other idles: longest first is the classic rule for
+#: spreading jobs over two machines.
+LONGEST_FIRST = ("test_ray_backend", "test_ray_cluster_layout", "test_ray_token_cluster",
+                 "test_gpu_script", "test_cohort_sharding", "test_notebook",
+                 "test_sigkill_resume", "test_compare_resume", "test_rundir_lock")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.module.__name__.rsplit(".", 1)[-1],
+                                          len(rank)) if item.module else len(rank),
+                                 order[id(item)]))
+
+
+def pytest_unconfigure(config):
+    """The process that made the suite's compilation cache deletes it (see the top)."""
+    if _MADE_CACHE:
+        shutil.rmtree(_MADE_CACHE, ignore_errors=True)

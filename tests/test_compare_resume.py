@@ -27,9 +27,9 @@ def has_checkpoint(run_dir) -> bool:
     return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
-def test_a_killed_comparison_resumes_keeping_its_finished_runs(tmp_path, request, tiny_config,
+def test_a_killed_comparison_resumes_keeping_its_finished_runs(tmp_path, tiny_config,
                                                                capsys):
-    env, out = cli_env(request), tmp_path / "cmp"
+    env, out = cli_env(), tmp_path / "cmp"
     first, second = out / "sync" / "seed0", out / "async-continuous" / "seed0"
     proc = start_fdjax(env, tmp_path, "compare", "--config", tiny_config, "--methods",
                        "sync,async-continuous", "--set", f"stop.time_budget={BUDGET}",

@@ -5,7 +5,7 @@ A task lent a GPU has a few minutes of it, with no time to debug a script there,
 and every figure the GPU run reports is checked to be there and sensible. A section that raises
 records an error instead of stopping the script, so the checks below look for errors
 explicitly: a broken section fails this test. The subprocess shares the test session's JAX
-compilation cache, as the other subprocess tests do, so only a first session compiles.
+compilation cache (``tests/conftest.py``), as the other subprocess tests do.
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ def positive(value) -> bool:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, pytestconfig) -> dict:
+def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_script") / "r.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JAX_COMPILATION_CACHE_DIR": str(pytestconfig.cache.mkdir("jax-compilation-cache")),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.exists(), f"no JSON written; exit {done.returncode}:\n{done.stderr[-3000:]}"

@@ -3,8 +3,8 @@ so a second ``fdjax run --out`` or ``--resume`` on it is one line, exit status 2
 touched; a directory that already holds a run is refused without ``--overwrite``; and the lock
 dies with its process, SIGKILL included.
 
-The subprocesses share the JAX compilation cache of ``test_sigkill_resume``, so only a first
-session compiles.
+The subprocesses share the test session's JAX compilation cache (``tests/conftest.py``), so only
+the first start compiles.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 10.0
 
 
-def cli_env(request) -> dict:
-    """The environment of an fdjax subprocess: CPU, this checkout, the shared compilation cache."""
+def cli_env() -> dict:
+    """The environment of an fdjax subprocess: CPU, this checkout, the session's compilation cache
+    (inherited, see ``tests/conftest.py``)."""
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "JAX_COMPILATION_CACHE_DIR": str(request.config.cache.mkdir("jax-compilation-cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def start_fdjax(env: dict, cwd: Path, *args) -> subprocess.Popen:
@@ -58,9 +57,8 @@ def tiny_config(tmp_path):
     return path
 
 
-def test_a_second_run_or_resume_is_refused_while_the_first_writes(tmp_path, request,
-                                                                  tiny_config):
-    env, out = cli_env(request), tmp_path / "run"
+def test_a_second_run_or_resume_is_refused_while_the_first_writes(tmp_path, tiny_config):
+    env, out = cli_env(), tmp_path / "run"
     first = start_fdjax(env, tmp_path, "run", "--config", tiny_config, "--set", "clock=real",
                         "--set", f"stop.time_budget={BUDGET}", "--set", "checkpoint.every_rounds=1",
                         "--out", out)
@@ -90,12 +88,12 @@ def test_a_second_run_or_resume_is_refused_while_the_first_writes(tmp_path, requ
     assert (out / "global_params.npz").exists() and not (out / LOCK_NAME).exists()
 
 
-def test_the_lock_is_exclusive_and_dies_with_a_sigkilled_holder(tmp_path, request):
+def test_the_lock_is_exclusive_and_dies_with_a_sigkilled_holder(tmp_path):
     held = tmp_path / "held"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from fdjax.rundir import DirectoryLock; "
          "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
-         str(held)], env=cli_env(request), stdout=subprocess.PIPE, text=True)
+         str(held)], env=cli_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DirectoryBusy, match=f"pid {holder.pid}"):

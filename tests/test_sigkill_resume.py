@@ -6,8 +6,8 @@ and no torn line; every line that the newest checkpoint at a kill covered is sti
 byte; and the run ends like an uninterrupted one. The kill moments are drawn from a seeded random
 generator and printed, so a failure can be replayed.
 
-The subprocesses share a JAX compilation cache kept in pytest's cache directory, so only the first
-session compiles; each start then costs the interpreter and the imports.
+The subprocesses share the test session's JAX compilation cache (``tests/conftest.py``), so only
+the first start compiles; each later start costs the interpreter and the imports.
 """
 
 from __future__ import annotations
@@ -53,15 +53,13 @@ def wait_for(condition, seconds: float = 240.0) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_at_random_moments_and_resume_until_done(tmp_path, request):
+def test_sigkill_at_random_moments_and_resume_until_done(tmp_path):
     config = tmp_path / "config.toml"
     out = tmp_path / "run"
     cfg = load_config(None, SETTINGS)
     config.write_text(config_to_toml(cfg))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JAX_COMPILATION_CACHE_DIR": str(request.config.cache.mkdir("jax-compilation-cache")),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
     def start(*args: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "fdjax.cli", "run", *args], env=env,
