@@ -51,9 +51,8 @@ LONGEST_FIRST = ("test_ray_backend", "test_ray_cluster_layout", "test_ray_token_
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     order = {id(item): n for n, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(item.module.__name__.rsplit(".", 1)[-1],
-                                          len(rank)) if item.module else len(rank),
-                                 order[id(item)]))
+    module = lambda item: getattr(item.module, "__name__", "").rsplit(".", 1)[-1]
+    items.sort(key=lambda item: (rank.get(module(item), len(rank)), order[id(item)]))
 
 
 def pytest_unconfigure(config):

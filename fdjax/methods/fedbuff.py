@@ -28,7 +28,7 @@ from fdjax.methods.registry import Method, register
 from fdjax.runtime.executors import Program
 from fdjax.runtime.nodes import AveragingServer, Update, _wait
 
-#: The server step, compiled once per process wherever the averaging server's executor runs it.
+
 def buffered_models(params: Any, models: Sequence[Any], bases: Sequence[Any], examples: Any,
                     staleness: Any, **settings: Any) -> Any:
     """``aggregation.buffered_update`` of lists of models and their bases, stacked inside the
@@ -38,6 +38,7 @@ def buffered_models(params: Any, models: Sequence[Any], bases: Sequence[Any], ex
                                        **settings)
 
 
+#: The server step, compiled once per process wherever the averaging server's executor runs it.
 buffered_step = Program(buffered_models, ("kind", "clip_norm"))
 
 

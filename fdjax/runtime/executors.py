@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from fdjax.runtime.compiled import LocalTrainer, _compile, fold_in
+from fdjax.runtime.compiled import LocalTrainer, _compile
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,6 +55,11 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program({self.fn.__module__}.{self.fn.__qualname__})"
+
+
+#: ``jax.random.fold_in``, compiled: the nodes derive a key per epoch, chunk and version, and op
+#: by op that cost ~0.1 ms each on XLA CPU, about 15x the compiled call.
+fold_in = Program(jax.random.fold_in)
 
 
 def local_epochs(trainer: LocalTrainer, data: dict, params: Any, key: jax.Array, version: int,

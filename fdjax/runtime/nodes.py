@@ -26,12 +26,10 @@ import numpy as np
 from fdjax.core import aggregation
 from fdjax.runtime.channels import Mailbox, NodeStats, Register, tree_bytes
 from fdjax.runtime.clock import Clock, Cost, Device
-from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer, fold_in
-from fdjax.runtime.executors import InProcess, Program
+from fdjax.runtime.compiled import Distiller, Evaluator, LocalTrainer
+from fdjax.runtime.executors import InProcess, Program, fold_in
 
 
-#: The averaging server's computations, compiled once per process; handed to its executor, so a
-#: backend running them elsewhere (a Ray actor) runs the very same programs.
 def aggregate_models(models: Sequence[Any], weights: Any, *, rule: aggregation.AggregationRule,
                      reference: Any = None) -> Any:
     """``aggregation.aggregate`` of a list of client models, stacked inside the compiled
@@ -41,6 +39,8 @@ def aggregate_models(models: Sequence[Any], weights: Any, *, rule: aggregation.A
                                  reference=reference)
 
 
+#: The averaging server's computations, compiled once per process; handed to its executor, so a
+#: backend running them elsewhere (a Ray actor) runs the very same programs.
 aggregate_updates = Program(aggregate_models, ("rule",))
 mix_stale = Program(aggregation.staleness_mix, ("kind",))
 
