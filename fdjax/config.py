@@ -324,8 +324,11 @@ class CostConfig(_Section):
     _section: ClassVar[str] = "cost"
     # "measured": each call's wall time; "calibrated": each program's fastest of a few timed calls,
     # then that cost for every call (the same cost for every method of a comparison, and little
-    # affected by other load on the machine); "fixed": the per-example costs below.
-    mode: str = _f("measured", _one_of(*COST_MODES))
+    # affected by other load on the machine); "fixed": the per-example costs below. The default
+    # is "fixed" so that the default comparison's table is the same on every machine, whatever
+    # its speed or load (measured, the digits' tiny models cost a few milliseconds a call, and
+    # the four methods cross 60% within 1 to 4 virtual seconds in an order set by the machine).
+    mode: str = _f("fixed", _one_of(*COST_MODES))
     client_seconds_per_example: float = _f(0.002, _ge(0))
     server_seconds_per_example: float = _f(0.001, _ge(0))
     # Fixed costs of the other programs, for a cost table measured per program (see
@@ -341,12 +344,14 @@ class StopConfig(_Section):
     """When the run ends: whichever of the set limits is reached first."""
 
     _section: ClassVar[str] = "stop"
-    # Small enough that `fdjax compare` with no arguments (four methods on the embedded digits)
-    # finishes within about 3 minutes on 2 CPU cores.
-    time_budget: float | None = _f(20.0, _gt(0))
+    # `fdjax compare` with no arguments (four methods on the embedded digits, fixed costs) runs
+    # in about a minute on 2 CPU cores; in 60 virtual seconds every method passes 60% at a
+    # distinct time and the three faster ones level off near 95%. Evaluations every 0.5 s
+    # resolve the crossings (the fastest method's rounds last about 1.5 s).
+    time_budget: float | None = _f(60.0, _gt(0))
     target_accuracy: float | None = _f(None, _within(0, 1, open_lo=True))
     max_rounds: int | None = _f(None, _ge(1))
-    eval_interval: float = _f(1.0, _gt(0))
+    eval_interval: float = _f(0.5, _gt(0))
 
     def _check(self) -> None:
         if self.time_budget is None and self.target_accuracy is None and self.max_rounds is None:

@@ -109,6 +109,23 @@ def test_compare_writes_figure_table_and_results(tiny_config, tmp_path):
         assert (out / method / "seed0" / "metrics.jsonl").exists()
 
 
+def test_the_default_comparison_shows_the_papers_race(tmp_path):
+    """The README's first command, on its own defaults (the embedded digits, fixed costs): the
+    four methods pass 60% at distinct times in the paper's order. The budget is cut to 30 of the
+    default 60 virtual seconds, which changes nothing before 30 s (every method crosses by about
+    27 s) and halves the test."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--set", "stop.time_budget=30", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["target_accuracy"] == 0.6
+    reached = {m: results["methods"][m]["time_to_target"] for m in
+               ("async-continuous", "async-round", "sync", "sync-fwd")}
+    assert all(r["reached"] == 1 for r in reached.values()), reached
+    times = {m: r["mean"] for m, r in reached.items()}
+    order = list(times.values())
+    assert order == sorted(order) and len(set(order)) == 4, times
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "clients.cuont=3"], "unknown key 'clients.cuont'"),
     (["--set", "clients.count=0"], "clients.count"),

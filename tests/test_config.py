@@ -22,7 +22,8 @@ def test_defaults_validate():
     assert cfg == Config.from_dict({}) == load_config()
     assert cfg.method == "async-continuous" and cfg.clock == "virtual" and cfg.seed == 0
     assert cfg.clients.speeds == [0.25] and cfg.client_speeds == [0.25, 0.25, 0.25]
-    assert cfg.stop.time_budget == 20.0 and cfg.data.limit is None
+    assert cfg.stop.time_budget == 60.0 and cfg.stop.eval_interval == 0.5 and cfg.data.limit is None
+    assert cfg.cost.mode == "fixed"  # the default comparison is the same on every machine
     assert "limit" not in cfg.to_dict()["data"]
 
 
