@@ -24,9 +24,12 @@ SERVER_ROLES: tuple[str, ...] = ("averaging", "distillation")
 
 #: The per-run numbers that :func:`summarize_method` aggregates across seeds, in table order.
 SUMMARY_KEYS: tuple[str, ...] = (
-    "time_to_target", "final_accuracy", "best_accuracy",
+    "time_to_target", "final_accuracy", "best_accuracy", "plateau_accuracy", "plateaued",
     "client_idle_fraction", "server_idle_fraction", "rounds",
 )
+
+#: A run has plateaued when its last quarter gained at most this much accuracy (0.5 points).
+PLATEAU_GAIN = 0.005
 
 #: Fixed colours (tab10) so a method looks the same in every figure.
 METHOD_COLORS: dict[str, str] = {
@@ -70,6 +73,31 @@ def time_to_target(rows: Iterable[Mapping[str, Any]], target: float) -> float | 
     return None
 
 
+def plateau(rows: Iterable[Mapping[str, Any]], gain: float = PLATEAU_GAIN
+            ) -> tuple[float | None, bool | None]:
+    """A run's plateau: the best global accuracy over the last quarter of its time, and whether
+    that quarter gained at most ``gain`` over the best before it.
+
+    "Final accuracy" at a budget is a point mid-climb for a run still rising; the plateau
+    says what the run levels off at, and ``plateaued`` whether it had levelled off. Comparing
+    the last quarter with the best *before* it is what tells a level from a climb: a rising
+    run's best is always in its last quarter, so "the last quarter's best is within 0.5 points
+    of the whole run's" would hold for every rising run. A run that falls back late reports
+    its lower, later level. (None, None) for a run with evaluations in only one quarter.
+    """
+    ordered = [(float(r["time"]), float(r["global_accuracy"])) for r in _by_time(rows)
+               if r.get("global_accuracy") is not None]
+    if not ordered:
+        return None, None
+    cut = ordered[0][0] + 0.75 * (ordered[-1][0] - ordered[0][0])
+    before = [a for t, a in ordered if t < cut]
+    last = [a for t, a in ordered if t >= cut]
+    if not before:
+        return None, None
+    level = max(last)
+    return level, bool(level - max(before) <= gain + 1e-9)  # 1e-9: float rounding of the gap
+
+
 def idle_fraction(nodes: Mapping[str, Mapping[str, Any]],
                   role: str | tuple[str, ...]) -> float | None:
     """Share of wall time that nodes of ``role`` spent waiting, pooled over those nodes.
@@ -101,18 +129,22 @@ def summarize_run(rows: Sequence[Mapping[str, Any]], nodes: Mapping[str, Mapping
 
     Returns:
         ``time_to_target``, ``final_accuracy`` (of the last row in time), ``best_accuracy``,
-        ``client_idle_fraction``, ``server_idle_fraction`` and ``rounds`` (the largest round);
-        each is None where the run has nothing to say.
+        ``plateau_accuracy`` and ``plateaued`` (:func:`plateau`), ``client_idle_fraction``,
+        ``server_idle_fraction`` and ``rounds`` (the largest round); each is None where the
+        run has nothing to say.
     """
     ordered = _by_time(rows)
     accuracies = [float(r["global_accuracy"]) for r in ordered
                   if r.get("global_accuracy") is not None]
     rounds = [int(r["round"]) for r in ordered if r.get("round") is not None]
     final = ordered[-1].get("global_accuracy") if ordered else None
+    level, levelled = plateau(ordered)
     return {
         "time_to_target": time_to_target(ordered, target),
         "final_accuracy": None if final is None else float(final),
         "best_accuracy": max(accuracies) if accuracies else None,
+        "plateau_accuracy": level,
+        "plateaued": levelled,
         "client_idle_fraction": idle_fraction(nodes, "client"),
         "server_idle_fraction": idle_fraction(nodes, SERVER_ROLES),
         "rounds": max(rounds) if rounds else None,
@@ -144,10 +176,12 @@ def summarize_method(run_summaries: Sequence[Mapping[str, Any]]) -> dict[str, di
     """
     out: dict[str, dict[str, Any]] = {}
     for key in SUMMARY_KEYS:
-        out[key] = _mean_std([summary.get(key) for summary in run_summaries])
+        out[key] = _mean_std([None if summary.get(key) is None else float(summary[key])
+                              for summary in run_summaries])
     out["time_to_target"]["reached"] = sum(
         1 for summary in run_summaries if summary.get("time_to_target") is not None)
     out["time_to_target"]["seeds"] = len(run_summaries)
+    out["plateaued"]["count"] = sum(1 for summary in run_summaries if summary.get("plateaued"))
     return out
 
 
@@ -201,6 +235,12 @@ def _time_cell(stats: Mapping[str, Any]) -> str:
     return f"{stats['mean']:.1f} ± {(stats.get('std') or 0.0):.1f} {counts}"
 
 
+def _plateau_cell(summary: Mapping[str, Any], seeds: int) -> str:
+    level = summary.get("plateau_accuracy", {}).get("mean")
+    count = summary.get("plateaued", {}).get("count", 0)
+    return f"{_pct(level)} ({count}/{seeds})"
+
+
 def table_markdown(results: Mapping[str, Any]) -> str:
     """Render :func:`results_json` output as a Markdown table for READMEs and reports.
 
@@ -211,7 +251,8 @@ def table_markdown(results: Mapping[str, Any]) -> str:
     methods: Mapping[str, Mapping[str, Any]] = results.get("methods", {})
     with_ratio = any("ratio_to_reference" in summary for summary in methods.values())
     header = ["method", "time to target (s) mean ± std (reached/seeds)",
-              "final accuracy mean ± std", "best accuracy", "client idle", "server idle"]
+              "final accuracy mean ± std", "best accuracy",
+              "plateau accuracy (plateaued/seeds)", "client idle", "server idle"]
     if with_ratio:
         reference = results.get("reference")
         header.append(f"ratio to {reference}" if reference else "ratio to reference")
@@ -223,6 +264,7 @@ def table_markdown(results: Mapping[str, Any]) -> str:
             _time_cell(summary.get("time_to_target", empty)),
             _pct_pm(summary.get("final_accuracy", empty)),
             _pct(summary.get("best_accuracy", empty).get("mean")),
+            _plateau_cell(summary, summary.get("time_to_target", empty).get("seeds", 0)),
             _pct(summary.get("client_idle_fraction", empty).get("mean")),
             _pct(summary.get("server_idle_fraction", empty).get("mean")),
         ]

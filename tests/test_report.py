@@ -14,6 +14,7 @@ from fdjax.report import (
     plot_accuracy,
     plot_idle,
     results_json,
+    plateau,
     summarize_method,
     summarize_run,
     table_markdown,
@@ -77,9 +78,35 @@ def test_summarize_run():
     summary = summarize_run(list(reversed(ROWS)), NODES, target=0.6)
     assert summary == {
         "time_to_target": 3.0, "final_accuracy": 0.65, "best_accuracy": 0.7,
+        "plateau_accuracy": 0.65, "plateaued": True,
         "client_idle_fraction": pytest.approx(0.5), "server_idle_fraction": pytest.approx(0.7),
         "rounds": 4,
     }
+
+
+def curve(*accuracies):
+    return [row(float(t), a) for t, a in enumerate(accuracies)]
+
+
+def test_a_run_still_climbing_in_its_last_quarter_has_not_plateaued():
+    # times 0..8: the last quarter is t >= 6
+    assert plateau(curve(0.1, 0.3, 0.5, 0.6, 0.65, 0.68, 0.70, 0.71, 0.72)) == (0.72, False)
+
+
+def test_a_run_that_levels_off_has_plateaued_at_its_last_quarters_best():
+    assert plateau(curve(0.1, 0.5, 0.70, 0.72, 0.74, 0.75, 0.752, 0.754, 0.751)) == (0.754, True)
+    # the last quarter gained exactly 0.5 points: still a plateau; a hair more is not
+    assert plateau(curve(0.1, 0.5, 0.7, 0.7, 0.7, 0.7, 0.705, 0.7, 0.7))[1] is True
+    assert plateau(curve(0.1, 0.5, 0.7, 0.7, 0.7, 0.7, 0.706, 0.7, 0.7))[1] is False
+
+
+def test_a_run_that_falls_back_reports_its_later_lower_level():
+    assert plateau(curve(0.1, 0.8, 0.9, 0.9, 0.9, 0.9, 0.8, 0.8, 0.8)) == (0.8, True)
+
+
+def test_a_plateau_needs_evaluations_before_the_last_quarter():
+    assert plateau([row(5.0, 0.5)]) == (None, None)
+    assert plateau([]) == (None, None)
 
 
 def test_summarize_run_without_rows():
@@ -87,9 +114,10 @@ def test_summarize_run_without_rows():
     assert all(value is None for value in summary.values())
 
 
-def _run(ttt, final, best=None, client=0.5, server=0.25, rounds=10):
+def _run(ttt, final, best=None, client=0.5, server=0.25, rounds=10, plateaued=True):
     return {"time_to_target": ttt, "final_accuracy": final,
             "best_accuracy": final if best is None else best,
+            "plateau_accuracy": final, "plateaued": plateaued,
             "client_idle_fraction": client, "server_idle_fraction": server, "rounds": rounds}
 
 
@@ -103,6 +131,8 @@ def test_summarize_method_mean_std_reached_with_a_seed_that_missed():
     assert out["final_accuracy"]["mean"] == pytest.approx(0.6)
     assert out["final_accuracy"]["std"] == pytest.approx(math.sqrt(0.02 / 3))
     assert out["rounds"] == {"mean": 10.0, "std": 0.0}
+    assert out["plateaued"]["count"] == 3 and out["plateaued"]["mean"] == 1.0
+    assert summarize_method([_run(1.0, 0.5, plateaued=False)])["plateaued"]["count"] == 0
 
 
 def test_summarize_method_one_seed_and_all_none():
