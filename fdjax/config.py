@@ -21,6 +21,7 @@ from pathlib import Path
 # Each closed list of names has one source: where it is implemented.
 from fdjax.core.aggregation import AGGREGATION_RULES, STALENESS_KINDS
 from fdjax.core.augment import AUGMENTATIONS
+from fdjax.core.distillation import TEACHERS
 from fdjax.core.layers import GRADS
 from fdjax.core.models import CALLER as MODEL_CALLER, NORMS, PRESETS
 from fdjax.core.training import OPTIMIZERS
@@ -303,6 +304,11 @@ class DistillConfig(_Section):
     gate_holdout: int = _f(1000, _ge(1))
     gate_holdout_from: str = _f("proxy", _one_of("proxy", "test"))
     batch_size: int = _f(64, _ge(1))
+    # The teacher of reverse distillation: "average", the round's averaged small model (the
+    # paper); "ensemble", the round's accepted client models, their logits averaged (FedDF, Lin
+    # et al. 2020): the averaging server hands the distillation server every member, and each
+    # chunk pays a forward pass per member (cost.teacher_seconds_per_example with fixed costs).
+    teacher: str = _f("average", _one_of(*TEACHERS))
     label_weight: float = _f(0.0, _within(0, 1))
     # Label-free augmentation of distillation batches; "flip_crop" is the CIFAR recipe (digits
     # are not mirror-symmetric, so the embedded default keeps "none").
@@ -335,6 +341,10 @@ class CostConfig(_Section):
     # experiments/paper_cifar10/calibrate.py); unset, they cost the same as the two above.
     large_client_seconds_per_example: float | None = _f(None, _ge(0))  # fedavg-large clients
     forward_seconds_per_example: float | None = _f(None, _ge(0))  # forward distillation
+    # distill.teacher = "ensemble": each member beyond the first adds a forward pass of the small
+    # model per distilled example; unset, a third of client_seconds_per_example (a training
+    # step is a forward pass, a backward pass of about twice its cost, and the update).
+    teacher_seconds_per_example: float | None = _f(None, _ge(0))
     latency: float = _f(0.01, _ge(0))
     bandwidth: float = _f(1.0e8, _gt(0), infinite=True)  # inf: messages cost only latency
 
@@ -601,6 +611,9 @@ class Config(_Section):
             if self.backend == "ray":
                 raise ConfigError('distill.forward_gate: "lead" is not available with backend '
                                   '= "ray" yet (the gate evaluates in the driver process)')
+        if self.distill.teacher == "ensemble" and self.backend == "ray":
+            raise ConfigError('distill.teacher: "ensemble" is not available with backend = '
+                              '"ray" yet (the distillation actor is built for one teacher model)')
         if self.faults.parsed and self.clients.cohort:
             raise ConfigError("faults.clients: cannot inject faults into clients trained as "
                               "cohorts (clients.cohort = true): a cohort trains its members in "

@@ -293,6 +293,8 @@ class _Specs:
     client_cost: Cost
     server_cost: Cost
     forward_cost: Cost
+    #: fixed seconds per distilled example of each ensemble-teacher member beyond the first
+    member_rate: float = 0.0
 
 
 def _specs(config: Config, method: Method, splits, models: Mapping[str, Any] | None = None
@@ -310,8 +312,11 @@ def _specs(config: Config, method: Method, splits, models: Mapping[str, Any] | N
                    else c.client_seconds_per_example)
     forward_rate = (c.server_seconds_per_example if c.forward_seconds_per_example is None
                     else c.forward_seconds_per_example)
+    member_rate = (c.client_seconds_per_example / 3 if c.teacher_seconds_per_example is None
+                   else c.teacher_seconds_per_example)
     return _Specs(large, small, client, Cost(c.mode, client_rate),
-                  Cost(c.mode, c.server_seconds_per_example), Cost(c.mode, forward_rate))
+                  Cost(c.mode, c.server_seconds_per_example), Cost(c.mode, forward_rate),
+                  member_rate)
 
 
 @dataclasses.dataclass
@@ -383,7 +388,9 @@ def _averaging(config: Config, method: Method, ctx: Context, device: Device,
         accept_late=not method.waits_for_distiller,
         sample=(ClientSampler(cc.count, cc.per_round, config.seed)
                 if cc.per_round < cc.count else None),
-        executor=deployment.averaging() if deployment else None, **method.options(config))
+        executor=deployment.averaging() if deployment else None,
+        hand_over=dc.teacher if method.distill_mode is not None else "average",
+        **method.options(config))
 
 
 def _gate(config: Config, splits, fed, specs: _Specs, proxy: dict) -> tuple[dict, Any]:
@@ -413,7 +420,7 @@ def _distiller(config: Config, method: Method, ctx: Context, device: Device, ave
                                         dc.steps_per_chunk, dc.temperature, dc.label_weight,
                                         dc.augment)
     builders = {"reverse": functools.partial(programs.distiller, specs.large, specs.small,
-                                             settings)}
+                                             dataclasses.replace(settings, teacher=dc.teacher))}
     if method.forward:
         builders["forward"] = functools.partial(programs.distiller, specs.small, specs.large,
                                                 settings)
@@ -435,7 +442,7 @@ def _distiller(config: Config, method: Method, ctx: Context, device: Device, ave
         jax.random.fold_in(key, 200), published, averaging, method.distill_mode,
         reverse_chunks=dc.chunks_per_round, forward_chunks=dc.forward_chunks,
         forward_every=dc.forward_every, forward_cost=specs.forward_cost, gate=gate,
-        executor=executor)
+        executor=executor, member_seconds_per_example=specs.member_rate)
 
 
 class _Recorder:

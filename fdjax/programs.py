@@ -19,8 +19,8 @@ from fdjax.runtime.compiled import CohortTrainer, Distiller, Evaluator, LocalTra
 
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
-    """How a distiller steps: its optimizer, batch, chunk length, temperature, label weight and
-    augmentation (``[distill]``)."""
+    """How a distiller steps: its optimizer, batch, chunk length, temperature, label weight,
+    augmentation and teacher (``[distill]``)."""
 
     optimizer: str
     learning_rate: float
@@ -29,6 +29,7 @@ class DistillSettings:
     temperature: float
     label_weight: float
     augment: str
+    teacher: str = "average"  # "ensemble": the teacher is a sequence of models (FedDF)
 
 
 def _optimizer(name: str, learning_rate: float):
@@ -61,7 +62,8 @@ def distiller(student: ModelSpec, teacher: ModelSpec, settings: DistillSettings)
     """Distillation of ``teacher``'s model into ``student``'s."""
     s = settings
     return Distiller(model(student), model(teacher), _optimizer(s.optimizer, s.learning_rate),
-                     s.batch_size, s.steps, s.temperature, s.label_weight, s.augment)
+                     s.batch_size, s.steps, s.temperature, s.label_weight, s.augment,
+                    ensemble=s.teacher == "ensemble")
 
 
 @functools.lru_cache(maxsize=64)

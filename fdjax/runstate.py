@@ -126,7 +126,7 @@ class RunState:
         for problem in restored.problems:
             _logger.warning("resume: %s", problem)
         self.averaging.restore(arrays["averaging"], meta["averaging"])
-        published.restore(self.averaging.params, self.averaging.round)
+        published.restore(self.averaging.handed_over(), self.averaging.round)
         if self.distiller is not None:
             self.distiller.restore(arrays["distiller"], meta["distiller"])
         for c in self.clients:

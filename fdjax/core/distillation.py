@@ -13,6 +13,7 @@ distillation set keeps its labels, ``label_weight`` mixes in cross-entropy (as F
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -48,6 +49,23 @@ def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
     # The value clipped at 0, the gradient that of the unclipped KL (a straight-through clip).
     kl = kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
     return t * t * kl
+
+
+#: Teachers of reverse distillation (``distill.teacher``): the averaged small model, or the
+#: ensemble of the clients' models with their logits averaged (FedDF).
+TEACHERS = ("average", "ensemble")
+
+
+def ensemble_apply(apply_fn: ApplyFn) -> ApplyFn:
+    """An apply function over a sequence of models: the mean of their logits (FedDF's teacher).
+
+    Averaging logits, not probabilities, is FedDF's choice (Lin et al. 2020): the softened
+    targets are then ``softmax(mean(logits) / T)``. Traced once per number of members.
+    """
+    def apply(members: Sequence[Any], images: jax.Array) -> jax.Array:
+        logits = [apply_fn(m, images).astype(jnp.float32) for m in members]
+        return sum(logits[1:], logits[0]) / len(logits)
+    return apply
 
 
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,

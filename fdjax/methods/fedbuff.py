@@ -113,6 +113,7 @@ class FedBuffServer(AveragingServer):
     async def _publish(self) -> None:
         updates, bases, staleness = zip(*self.buffer)
         models = [u.params for u in updates]
+        self.members = tuple(models)
         examples = np.asarray([u.examples for u in updates], np.float32)
         self.params, charged = await self.ctx.clock.compute(
             self.device, lambda: self.apply_buffer(models, list(bases), examples,

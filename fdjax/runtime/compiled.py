@@ -484,11 +484,15 @@ class Distiller:
         label_weight: cross-entropy weight in [0, 1] when the distillation set has labels.
         augment: label-free augmentation of each batch, "none", "flip" or "flip_crop".
         driver: "auto", "loop" or "scan".
+        ensemble: the teacher's parameters are a sequence of ``teacher`` models and the targets
+            their averaged logits (``distillation.ensemble_apply``, FedDF); compiled once per
+            number of members.
     """
 
     def __init__(self, student: Model, teacher: Model, optimizer: optax.GradientTransformation,
                  batch_size: int, steps: int, temperature: float = 2.0,
-                 label_weight: float = 0.0, augment: str = "none", driver: str = "auto"):
+                 label_weight: float = 0.0, augment: str = "none", driver: str = "auto",
+                 ensemble: bool = False):
         if int(batch_size) < 1 or int(steps) < 1:
             raise ValueError(f"distillation batch_size and steps must be >= 1, got "
                              f"{batch_size} and {steps}")
@@ -502,7 +506,10 @@ class Distiller:
         self.optimizer, self.batch_size, self.steps = optimizer, int(batch_size), int(steps)
         self.label_weight = float(label_weight)
         self.driver = resolve_driver(driver)
-        settings = dict(student_train=student.train_fn, teacher_apply=teacher.apply_fn,
+        self.ensemble = bool(ensemble)
+        teacher_apply = (distillation.ensemble_apply(teacher.apply_fn) if self.ensemble
+                         else teacher.apply_fn)
+        settings = dict(student_train=student.train_fn, teacher_apply=teacher_apply,
                         optimizer=optimizer, temperature=float(temperature),
                         label_weight=self.label_weight, augment=augment)
         step = functools.partial(distillation.distill_step, **settings)

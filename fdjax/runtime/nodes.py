@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import typing
 from typing import Any, Callable, Sequence
 
 import jax
@@ -43,6 +44,15 @@ def aggregate_models(models: Sequence[Any], weights: Any, *, rule: aggregation.A
 #: backend running them elsewhere (a Ray actor) runs the very same programs.
 aggregate_updates = Program(aggregate_models, ("rule",))
 mix_stale = Program(aggregation.staleness_mix, ("kind",))
+
+
+class RoundModels(typing.NamedTuple):
+    """What the averaging server publishes with ``distill.teacher = "ensemble"``: the averaged
+    small model and the client models it averaged (a pytree, so it travels as one message and
+    is sized as the sum of its models)."""
+
+    average: Any
+    members: tuple
 
 
 @dataclasses.dataclass
@@ -209,6 +219,9 @@ class AveragingServer:
         sample: the clients (indices into ``clients``) that take part in a round, given the
             round number (see ``fdjax.runtime.sampling``); every client when None. A round
             serves and waits for only the sampled clients that have no work outstanding.
+        hand_over: what each published version holds: "average", the aggregate; "ensemble",
+            a ``RoundModels`` of the aggregate and the accepted models it was computed from
+            (the teacher of FedDF-style reverse distillation).
     """
 
     def __init__(self, ctx: Context, device: Device, params: Any, clients: list[Client],
@@ -219,8 +232,12 @@ class AveragingServer:
                  staleness_a: float = 0.5, staleness_b: float = 4.0,
                  max_delta_norm: float | None = None, round_timeout: float | None = None,
                  quorum: int = 1, accept_late: bool = False,
-                 sample: Callable[[int], Sequence[int]] | None = None, executor: Any = None):
+                 sample: Callable[[int], Sequence[int]] | None = None, executor: Any = None,
+                 hand_over: str = "average"):
         self.ctx, self.device, self.params, self.clients = ctx, device, params, clients
+        self.hand_over = hand_over
+        #: the models of the latest aggregation (an ensemble teacher's members)
+        self.members: tuple = (params,)
         self.sample = sample
         #: where its aggregations and mixes run (``fdjax.runtime.executors``)
         self.executor = executor or InProcess()
@@ -258,6 +275,7 @@ class AveragingServer:
             accepted = await self._collect(waiting)
             if accepted:
                 models = [u.params for u in accepted]
+                self.members = tuple(models)
                 weights = np.asarray([u.examples for u in accepted], np.float32)
                 self.params, charged = await self.ctx.clock.compute(
                     self.device, lambda: self.aggregate(models, weights),
@@ -272,9 +290,19 @@ class AveragingServer:
         (a checkpoint may be taken there)."""
         self.round += 1
         self.ctx.log(self.name, "round_end", round=self.round, clients=updates)
-        self.published.publish(self.params, self.round, tree_bytes(self.params), self.stats)
+        value = self.handed_over()
+        self.published.publish(value, self.round, tree_bytes(value), self.stats)
         if self.on_round is not None:
             self.on_round(self.round)
+
+    def handed_over(self) -> Any:
+        """The value a version is published as: the current model, or with ``hand_over =
+        "ensemble"`` a ``RoundModels`` of it and the latest aggregation's models (after a
+        restore, when those are not checkpointed, the model alone: a one-member ensemble
+        until the next round)."""
+        if self.hand_over == "ensemble":
+            return RoundModels(self.params, self.members)
+        return self.params
 
     def aggregate(self, models: Sequence[Any], weights: np.ndarray) -> Any:
         """The computation of a round's end: ``rule`` over the updates' models (each clipped
@@ -305,6 +333,7 @@ class AveragingServer:
 
     def restore(self, arrays: dict, meta: dict) -> None:
         self.params, self.round = arrays["params"], meta["round"]
+        self.members = (self.params,)
         self.rejected, self.late = list(meta["rejected"]), meta["late"]
         self.timeouts, self.stats = meta["timeouts"], NodeStats(**meta["stats"])
 
@@ -434,6 +463,16 @@ class LeadGate:
                 self.small_eval(small_params, self.holdout)["accuracy"])
 
 
+def _average(published: Any) -> Any:
+    """The averaged small model of a published value."""
+    return published.average if isinstance(published, RoundModels) else published
+
+
+def _members(published: Any) -> tuple:
+    """The client models of a published value (the average alone where it holds none)."""
+    return published.members if isinstance(published, RoundModels) else (published,)
+
+
 class DistillationServer:
     """Holds the global (large) model and distils between it and the averaged small model.
 
@@ -446,6 +485,10 @@ class DistillationServer:
             every round, in "continuous" mode after every ``forward_every`` reverse chunks, sent
             to the averaging server to be mixed in.
         forward_cost: how forward distillation is charged (default: as reverse, ``cost``).
+        member_seconds_per_example: with an ensemble teacher (``reverse.ensemble``: the
+            averaging server publishes ``RoundModels``) and fixed costs, what each member
+            beyond the first adds per distilled example (its forward pass); measured and
+            calibrated costs time the chunk, members' forward passes included.
         gate: in "continuous" mode with ``forward``, a ``LeadGate`` checked before each
             forward distillation, which is skipped unless the global model leads; None
             forward-distils every time.
@@ -458,8 +501,9 @@ class DistillationServer:
                  averages: Register, averaging: AveragingServer, mode: str,
                  reverse_chunks: int = 1, forward_chunks: int = 1, forward_every: int = 1,
                  forward_cost: Cost | None = None, gate: LeadGate | None = None,
-                 executor: Any = None):
+                 executor: Any = None, member_seconds_per_example: float = 0.0):
         self.ctx, self.device, self.state = ctx, device, large_state
+        self.member_seconds_per_example = member_seconds_per_example
         #: where its chunks run (``fdjax.runtime.executors``): here, on ``proxy``, by default
         self.executor = executor or InProcess({"reverse": reverse, "forward": forward_distiller},
                                               proxy)
@@ -518,22 +562,37 @@ class DistillationServer:
         small, self.version = await _wait(self.ctx, self.stats, self.averages.wait_newer(than))
         return small, self.version
 
-    async def _reverse(self, teacher: Any, version: int) -> None:
+    def reverse_cost(self, members: int) -> Cost:
+        """How a reverse chunk against ``members`` teacher models is charged: with fixed costs
+        each member beyond the first adds its forward pass per example."""
+        if members == 1 or self.cost.mode != "fixed":
+            return self.cost
+        return Cost("fixed", self.cost.seconds_per_example
+                    + (members - 1) * self.member_seconds_per_example)
+
+    async def _reverse(self, small: Any, version: int) -> None:
+        """One chunk of reverse distillation from ``small`` (a published value: the averaged
+        model, or a ``RoundModels`` whose members are the teacher)."""
         key = fold_in(self.key, self.chunks)
         newest = self.averages.version
         self.staleness.append(self.averaging.round - version)  # the chunk in progress's too
+        teacher = (_members(small) if self.reverse.ensemble else _average(small))
+        members = len(teacher) if self.reverse.ensemble else 1
         (self.state, _), charged = await self.ctx.clock.compute(
             self.device, lambda: self.executor.chunk("reverse", self.state, teacher, key),
-            cost=self.cost, examples=self.reverse.steps * self.reverse.batch_size,
-            program=self.reverse, node=self.name, label="reverse")
+            cost=self.reverse_cost(members),
+            examples=self.reverse.steps * self.reverse.batch_size,
+            program=(self.reverse, members) if self.reverse.ensemble else self.reverse,
+            node=self.name, label="reverse")
         self.stats.busy += charged
         self.chunks += 1
+        extra = {"members": members} if self.reverse.ensemble else {}
         self.ctx.log(self.name, "reverse", version=version, staleness=self.staleness[-1],
-                     newest=newest)
+                     newest=newest, **extra)
 
     async def _forward(self, small: Any, version: int) -> Any:
         distiller = self.forward_distiller
-        state = distiller.init(small)
+        state = distiller.init(_average(small))
         number = self.forwards + 1
         for i in range(self.forward_chunks):
             key = fold_in(fold_in(self.forward_key, number), i)
@@ -573,6 +632,7 @@ class DistillationServer:
             while True:
                 if self.forward_distiller is not None:
                     small = await self._forward(small, version)
+                small = _average(small)
                 self.averaging.from_distiller.send(small, tree_bytes(small), self.stats)
                 small, version = await self._take(version)
                 for _ in range(self.reverse_chunks):
@@ -591,7 +651,8 @@ class DistillationServer:
                     self.version = version
                 await self._reverse(small, version)
                 if (self.forward_distiller is not None and self.chunks % self.forward_every == 0
-                        and (self.gate is None or await self._leads(small, version))):
+                        and (self.gate is None or await self._leads(_average(small),
+                                                                   version))):
                     distilled = await self._forward(small, version)
                     self.averaging.from_distiller.send((distilled, version),
                                                        tree_bytes(distilled), self.stats)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fdjax.core import OptimizerSettings, distillation_loss, make_model, make_optimizer
-from fdjax.core.distillation import kl_divergence
+from fdjax.core.distillation import ensemble_apply, kl_divergence
 from fdjax.data import load_synthetic
 from fdjax.runtime import Distiller, LocalTrainer
 from fdjax.runtime.compiled import as_device_data
@@ -226,3 +226,35 @@ def test_label_weight_needs_labels(toy):
     distiller = Distiller(large, small, make_optimizer(), 32, 2, label_weight=0.3)
     with pytest.raises(ValueError, match="keeps its labels"):
         distiller.chunk(distiller.init(student), teacher, proxy, jax.random.key(0))
+
+
+def test_the_ensemble_teacher_is_the_mean_of_its_members_logits(toy):
+    small, _, trained, _, proxy = toy
+    fresh = small.init(jax.random.key(7))
+    images = proxy["images"][:32]
+    got = jax.jit(ensemble_apply(small.apply_fn))((trained, fresh), images)
+    want = (small.apply_fn(trained, images) + small.apply_fn(fresh, images)) / 2
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    one = ensemble_apply(small.apply_fn)((trained,), images)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(small.apply_fn(trained, images)),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("driver", ["loop", "scan"])
+def test_an_ensemble_of_copies_distils_as_the_model_itself(toy, driver):
+    """The ensemble distiller's plumbing: two copies of one model teach what it teaches alone;
+    two different models teach something else."""
+    small, large, teacher, student, proxy = toy
+    optimizer = make_optimizer(OptimizerSettings("adam", 3e-3))
+    plain = Distiller(large, small, optimizer, batch_size=32, steps=3, driver=driver)
+    ensemble = Distiller(large, small, optimizer, batch_size=32, steps=3, driver=driver,
+                         ensemble=True)
+    key = jax.random.key(4)
+    alone, _ = plain.chunk(plain.init(student), teacher, proxy, key)
+    copies, _ = ensemble.chunk(ensemble.init(student), (teacher, teacher), proxy, key)
+    chex.assert_trees_all_close(copies.params, alone.params, rtol=1e-4, atol=1e-5)
+    mixed, _ = ensemble.chunk(ensemble.init(student), (teacher, small.init(jax.random.key(8))),
+                              proxy, key)
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(mixed.params), jax.tree.leaves(alone.params)))
+    assert gap > 1e-4
