@@ -1,0 +1,146 @@
+"""Look for the regime where the paper's drawback is real, and for a method that removes it.
+
+The drawback: the asynchronous methods reach the target sooner but level off lower than
+``sync-fwd``. Each *cell* of a small designed grid changes the setting in one way the literature
+says lets the large global model get ahead of the small client models (and so makes forward
+distillation worth something, and its absence a loss):
+
+* ``teacher``: the averaged small model (the paper) or the ensemble of the client models
+  (``distill.teacher = "ensemble"``, FedDF);
+* ``labels``: an unlabeled distillation set, or a labeled one with cross-entropy beside the KD
+  term (``distill.label_weight = 0.5``);
+* ``partition``: IID clients or Dirichlet(0.1) (strongly non-IID).
+
+Every cell is screened on one seed with ``sync-fwd`` and ``async-continuous``; further seeds and
+methods go where the drawback shows (``--cells``, ``--methods``, ``--seeds``). Settings are
+chosen on a validation slice of the training split (``config.toml``'s ``data.test_split``),
+never on the test split.
+
+Each run is written to ``results/<cell>/<method>/seed<k>/``; a finished run (``nodes.json``) or
+one a live process is running (``running.pid``) is skipped, so a stopped study continues where
+it left off. ``--report`` rebuilds ``results.json`` and the figures from the run directories.
+
+    python experiments/paper_drawback/run.py [--cells a,b] [--methods m,n] [--seeds 0,1,2]
+    python experiments/paper_drawback/run.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import platform
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGET = 0.6
+PAPER = {"sync": 406.0 / 436.0, "async-round": 308.0 / 436.0, "async-continuous": 244.0 / 436.0}
+SCREEN = ("sync-fwd", "async-continuous")
+AXES = {
+    "teacher": {"avg": ["distill.teacher=average"], "ens": ["distill.teacher=ensemble"]},
+    "labels": {"unl": [], "lab": ["data.keep_proxy_labels=true", "distill.label_weight=0.5"]},
+    "partition": {"iid": ["data.partition=iid"], "dir": ["data.partition=dirichlet"]},
+}
+#: cell name ("avg-unl-iid", ...) -> its config overrides
+CELLS = {"-".join(k for k, _ in combo): [o for _, v in combo for o in v]
+         for combo in itertools.product(*(a.items() for a in AXES.values()))}
+#: methods beyond a registered name: name -> overrides. The gate's holdout is the tail of the
+#: evaluation split, which evaluation then never uses.
+VARIANTS = {"async-fwd-gated": ["method=async-fwd", "distill.forward_gate=lead",
+                                "distill.gate_holdout_from=test", "distill.gate_holdout=500"]}
+
+
+def _sibling(name: str):
+    """paper_cifar10's run.py (its data directory and run-skipping helpers)."""
+    spec = importlib.util.spec_from_file_location(name, HERE.parent / "paper_cifar10" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_cells(args) -> None:
+    from fdjax.config import load_config
+    from fdjax.experiment import prepare_data, run
+
+    paper = _sibling("paper_cifar10_run")
+    for cell, seed in itertools.product(args.cells, args.seeds):
+        base = [f"data.data_dir={args.data_dir}", *CELLS[cell], f"seed={seed}", *args.set]
+        for method in args.methods:
+            run_dir = args.out / cell / method / f"seed{seed}"
+            if (run_dir / "nodes.json").exists() or paper.running_elsewhere(run_dir):
+                print(f"skip {run_dir} (finished or running)", flush=True)
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "running.pid").write_text(str(os.getpid()))
+            config = load_config(HERE / "config.toml",
+                                 base + VARIANTS.get(method, [f"method={method}"]))
+            result = run(config, run_dir, data=prepare_data(config), overwrite=True)
+            (run_dir / "running.pid").unlink()
+            print(f"{cell} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s wall, "
+                  f"{result.summary(TARGET)}", flush=True)
+            write_report(args.out)
+
+
+def run_record(run_dir: Path) -> tuple[dict, list[dict]]:
+    """One finished run as a row of ``results.json``'s ``runs``, and its metrics rows."""
+    from fdjax import report
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    record = json.loads((run_dir / "nodes.json").read_text())
+    summary = report.summarize_run(rows, record["nodes"], TARGET)
+    out = {"study": run_dir.parents[1].name, "method": run_dir.parent.name,
+           "seed": int(run_dir.name.removeprefix("seed")),
+           **{k: summary[k] for k in ("time_to_target", "final_accuracy", "plateau_accuracy",
+                                      "plateaued")},
+           "budget": max(r["time"] for r in rows),
+           "wall_seconds": round(record["timing"]["wall_seconds"], 1)}
+    if "gate_checks" in rows[-1]:  # the gated method: how often its mechanism acted
+        out["mechanism_checks"] = rows[-1]["gate_checks"]
+        out["mechanism_active"] = rows[-1]["gate_opens"]
+    return out, rows
+
+
+def write_report(out: Path) -> None:
+    from fdjax import report
+
+    runs, curves = [], {}
+    for nodes in sorted(out.glob("*/*/seed*/nodes.json")):
+        record, rows = run_record(nodes.parent)
+        runs.append(record)
+        curves.setdefault(record["study"], {}).setdefault(record["method"], []).append(rows)
+    for study, by_method in curves.items():
+        report.plot_accuracy(by_method, out / f"figure_{study}.png", target=TARGET,
+                             title=f"CIFAR-10 ({study}): global model, every seed run")
+    results = {"target_accuracy": TARGET, "paper_ratios_to_sync_fwd": PAPER,
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "cells": CELLS, "runs": runs}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--methods", default=",".join(SCREEN))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report", action="store_true", help="only rebuild results.json")
+    args = parser.parse_args()
+    if args.report:
+        return write_report(args.out)
+    args.cells = args.cells.split(",")
+    unknown = [c for c in args.cells if c not in CELLS]
+    if unknown:
+        parser.error(f"unknown cells {unknown}; choose from {list(CELLS)}")
+    args.methods = args.methods.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.data_dir = args.data_dir or _sibling("paper_cifar10_run").default_data_dir()
+    run_cells(args)
+
+
+if __name__ == "__main__":
+    main()
