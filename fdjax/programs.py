@@ -63,7 +63,7 @@ def distiller(student: ModelSpec, teacher: ModelSpec, settings: DistillSettings)
     s = settings
     return Distiller(model(student), model(teacher), _optimizer(s.optimizer, s.learning_rate),
                      s.batch_size, s.steps, s.temperature, s.label_weight, s.augment,
-                    ensemble=s.teacher == "ensemble")
+                     ensemble=s.teacher == "ensemble")
 
 
 @functools.lru_cache(maxsize=64)

@@ -176,8 +176,7 @@ def summarize_method(run_summaries: Sequence[Mapping[str, Any]]) -> dict[str, di
     """
     out: dict[str, dict[str, Any]] = {}
     for key in SUMMARY_KEYS:
-        out[key] = _mean_std([None if summary.get(key) is None else float(summary[key])
-                              for summary in run_summaries])
+        out[key] = _mean_std([summary.get(key) for summary in run_summaries])
     out["time_to_target"]["reached"] = sum(
         1 for summary in run_summaries if summary.get("time_to_target") is not None)
     out["time_to_target"]["seeds"] = len(run_summaries)

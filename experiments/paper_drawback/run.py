@@ -60,13 +60,14 @@ def _sibling(name: str):
     return module
 
 
-def run_cells(args) -> None:
+def run_cells(args, paper) -> None:
+    """Runs every unfinished (cell, seed, method); ``paper`` is paper_cifar10's run module."""
     from fdjax.config import load_config
     from fdjax.experiment import prepare_data, run
 
-    paper = _sibling("paper_cifar10_run")
     for cell, seed in itertools.product(args.cells, args.seeds):
         base = [f"data.data_dir={args.data_dir}", *CELLS[cell], f"seed={seed}", *args.set]
+        data = None  # one cell and seed's data, shared by its methods
         for method in args.methods:
             run_dir = args.out / cell / method / f"seed{seed}"
             if (run_dir / "nodes.json").exists() or paper.running_elsewhere(run_dir):
@@ -76,7 +77,9 @@ def run_cells(args) -> None:
             (run_dir / "running.pid").write_text(str(os.getpid()))
             config = load_config(HERE / "config.toml",
                                  base + VARIANTS.get(method, [f"method={method}"]))
-            result = run(config, run_dir, data=prepare_data(config), overwrite=True)
+            # a variant may hold out evaluation images for itself (the gate's): its own data
+            data = prepare_data(config) if method in VARIANTS else data or prepare_data(config)
+            result = run(config, run_dir, data=data, overwrite=True)
             (run_dir / "running.pid").unlink()
             print(f"{cell} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s wall, "
                   f"{result.summary(TARGET)}", flush=True)
@@ -138,8 +141,9 @@ def main() -> None:
         parser.error(f"unknown cells {unknown}; choose from {list(CELLS)}")
     args.methods = args.methods.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.data_dir = args.data_dir or _sibling("paper_cifar10_run").default_data_dir()
-    run_cells(args)
+    paper = _sibling("paper_cifar10_run")
+    args.data_dir = args.data_dir or paper.default_data_dir()
+    run_cells(args, paper)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 For each method this runs the given config (default: fdjax's built-in offline config with
 measured costs, 20 virtual seconds and an evaluation a second, the settings every recorded figure
 here was measured with; the built-in config itself now charges fixed costs, under which the
-compute would still run but the virtual clock would not follow it) and prints the run's wall time, the wall time spent inside compiled compute
-(local epochs, FedAvg, distillation chunks, evaluations), the extra first calls that compiled
-programs, and two ratios:
+compute would still run but the virtual clock would not follow it) and prints the run's wall
+time, the wall time spent inside compiled compute (local epochs, FedAvg, distillation chunks,
+evaluations), the extra first calls that compiled programs, and two ratios:
 
 * ``overhead`` = (wall - compile) / compute: what the event loop, channels, bookkeeping and Python
   glue add on top of the compute itself (target <= 1.10);

@@ -576,7 +576,7 @@ class DistillationServer:
         key = fold_in(self.key, self.chunks)
         newest = self.averages.version
         self.staleness.append(self.averaging.round - version)  # the chunk in progress's too
-        teacher = (_members(small) if self.reverse.ensemble else _average(small))
+        teacher = _members(small) if self.reverse.ensemble else small
         members = len(teacher) if self.reverse.ensemble else 1
         (self.state, _), charged = await self.ctx.clock.compute(
             self.device, lambda: self.executor.chunk("reverse", self.state, teacher, key),
@@ -606,8 +606,9 @@ class DistillationServer:
         return state.params
 
     async def _leads(self, small: Any, version: int) -> bool:
-        """Whether the global model is more accurate than ``small`` on the gate's holdout."""
-        gate = self.gate
+        """Whether the global model is more accurate than ``small``'s average (a published
+        value) on the gate's holdout."""
+        gate, small = self.gate, _average(small)
         (global_accuracy, small_accuracy), charged = await self.ctx.clock.compute(
             self.device, lambda: gate(self.params, small), cost=gate.cost,
             # keyed by its compiled programs and holdout size, like every other program, so a
@@ -651,8 +652,7 @@ class DistillationServer:
                     self.version = version
                 await self._reverse(small, version)
                 if (self.forward_distiller is not None and self.chunks % self.forward_every == 0
-                        and (self.gate is None or await self._leads(_average(small),
-                                                                   version))):
+                        and (self.gate is None or await self._leads(small, version))):
                     distilled = await self._forward(small, version)
                     self.averaging.from_distiller.send((distilled, version),
                                                        tree_bytes(distilled), self.stats)
