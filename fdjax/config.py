@@ -356,7 +356,7 @@ class StopConfig(_Section):
     _section: ClassVar[str] = "stop"
     # `fdjax compare` with no arguments (four methods on the embedded digits, fixed costs) runs
     # in about a minute on 2 CPU cores; in 60 virtual seconds every method passes 60% at a
-    # distinct time and the three faster ones level off near 95%. Evaluations every 0.5 s
+    # distinct time and the three faster ones reach about 96%. Evaluations every 0.5 s
     # resolve the crossings within a round (the asynchronous methods' rounds last about 3 s,
     # and async-continuous's global model changes with every distillation chunk between them).
     time_budget: float | None = _f(60.0, _gt(0))
