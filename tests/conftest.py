@@ -38,14 +38,25 @@ def tfds_dir() -> str:
     return TFDS_DIR
 
 
-#: The modules whose tests take longest (Ray instances and clusters, subprocesses, the notebook),
-#: from ``--durations``. They are collected first, each module's tests kept in their order, so
-#: that with ``-n 2`` both workers start on them and the run ends on short tests instead of one
-#: worker finishing a long one while the other idles: longest first is the classic rule for
-#: spreading jobs over two machines.
+#: The modules whose tests take longest in all (Ray instances and clusters, subprocesses, the
+#: notebook, whole runs), from ``--durations=0``. They are collected first, each module's tests
+#: kept in their order: longest first is the classic rule for spreading jobs over two machines,
+#: so that with ``-n 2`` the run ends on short modules instead of one worker finishing a long
+#: one while the other idles.
 LONGEST_FIRST = ("test_ray_backend", "test_ray_cluster_layout", "test_ray_token_cluster",
-                 "test_gpu_script", "test_cohort_sharding", "test_notebook",
+                 "test_gpu_script", "test_cohort_sharding", "test_cli", "test_any_model",
+                 "test_methods", "test_method_contract", "test_faults", "test_notebook",
                  "test_sigkill_resume", "test_compare_resume", "test_rundir_lock")
+#: Under ``pytest -n`` each module is a unit of work, sent whole to the first free worker in the
+#: order above (``pytest_xdist_make_scheduler`` below). A module's tests share its fixtures,
+#: caches and compiled programs, which a split would build again on the other worker; and the
+#: Ray modules are one unit, since ``ray.init()`` joins a cluster that another worker's test
+#: started with ``ray start``, and the tests count Ray's processes. (xdist's default, ``--dist
+#: load``, sent each worker a quarter of the suite up front: one got every long module in its
+#: first batch and ran them one after another while the other ran out of work. Its
+#: ``xdist_group`` mark does not take effect with pytest 9.2, whose node ids it can no longer
+#: rename.)
+GROUPS = {"tests/runtime/test_ray_": "ray"}
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -53,6 +64,22 @@ def pytest_collection_modifyitems(session, config, items):
     order = {id(item): n for n, item in enumerate(items)}
     module = lambda item: getattr(item.module, "__name__", "").rsplit(".", 1)[-1]
     items.sort(key=lambda item: (rank.get(module(item), len(rank)), order[id(item)]))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``pytest -n N`` (its default ``--dist load``): one module at a time, in the order above,
+    to the first free worker; the Ray modules together."""
+    if config.getvalue("dist") != "load":
+        return None  # a mode chosen on the command line is left as asked
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = next((g for prefix, g in GROUPS.items() if nodeid.startswith(prefix)), None)
+            return group or nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep the order above, not largest module first
+    return ByModule(config, log)
 
 
 def pytest_unconfigure(config):
