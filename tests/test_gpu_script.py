@@ -23,10 +23,11 @@ from fdjax.methods import METHODS, PAPER_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "gpu" / "run_gpu.py"
-#: Every section the smoke run executes (the 1,000-client one included).
-SECTIONS = {"local_training", "cohort", "sim_overhead", "paper", "tests", "scale_1000"}
+#: Every section the smoke run executes (the 1,000-client and drawback ones included).
+SECTIONS = {"local_training", "cohort", "sim_overhead", "paper", "tests", "scale_1000",
+            "drawback"}
 REQUIRED = ("device", "backend", "jax", "device_count", "sections", "cohort_speedup_k100",
-            "sim_overhead", "wall_to_60_seconds", "tests", "scale_1000_clients")
+            "sim_overhead", "wall_to_60_seconds", "tests", "scale_1000_clients", "drawback")
 
 
 def positive(value) -> bool:
@@ -111,3 +112,22 @@ def test_scale_section_ran_its_rounds(report):
     scale = report["scale_1000_clients"]
     assert scale["rounds"] == scale["rounds_asked"] > 0, scale
     assert positive(scale["wall_seconds"]) and positive(scale["peak_mb"]), scale
+
+
+def test_drawback_section_runs_the_cell_and_records_the_gate(report):
+    """The paper_drawback cell's comparison: each method ran to its virtual budget (not its
+    wall cap) and reports the study's numbers; the gated method its checks and openings."""
+    drawback = report["drawback"]
+    section = report["sections"]["drawback"]["result"]
+    assert drawback["cell"] == section["cell"] and section["config"].endswith(
+        "paper_drawback/config.toml")
+    assert set(drawback["per_method"]) == {"sync-fwd", "async-fwd-gated"}
+    for method, run in section["per_method"].items():
+        assert run is not None, method
+        assert run["stopped_by_wall_cap"] is False and run["virtual_seconds"] == 2.0, run
+        assert 0 < run["final_accuracy"] <= 1 and 0 < run["plateau_accuracy"] <= 1, run
+        assert isinstance(run["plateaued"], bool) and len(run["curve"]) >= 4, run
+    gated = drawback["per_method"]["async-fwd-gated"]
+    assert gated["mechanism_checks"] >= 1 and 0 <= gated["mechanism_active"] <= \
+        gated["mechanism_checks"], gated
+    assert "mechanism_checks" not in drawback["per_method"]["sync-fwd"]

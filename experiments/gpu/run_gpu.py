@@ -13,7 +13,11 @@ importing it from its script, so the GPU figures are the same measurements as th
   the paper's four methods (``fdjax.run``);
 * ``tests``: ``tests/core`` and ``tests/runtime`` under pytest in a subprocess;
 * ``scale_1000`` (only with ``--scale-1000``, a second command): the 1,000-client config for 100
-  averaging rounds, wall time and peak memory.
+  averaging rounds, wall time and peak memory;
+* ``drawback`` (only with ``--drawback [CELL]``, a third command): a cell of
+  ``experiments/paper_drawback`` at the paper's scale (``cnn12``/``cnn6`` at width 1, all 50,000
+  training images, the test split), its methods on the virtual clock with costs measured on the
+  device, each to its virtual budget or a wall-time cap; time to 60%, final and plateau accuracy.
 
 Every section is timed and guarded: one that raises or overruns its limit records
 ``{"error": ...}`` and the next one runs. The JSON is rewritten after every section, so a run
@@ -21,6 +25,7 @@ killed midway keeps what finished; a later command (``--scale-1000``) adds to th
 
     python experiments/gpu/run_gpu.py                 # -> experiments/gpu/results_<card>.json
     python experiments/gpu/run_gpu.py --scale-1000    # adds "scale_1000_clients" to it
+    python experiments/gpu/run_gpu.py --drawback      # adds "drawback" (the regime's comparison)
     python experiments/gpu/run_gpu.py --smoke --out /tmp/r.json   # the same on CPU, tiny
 """
 
@@ -63,9 +68,15 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 PAPER_CONFIG = EXPERIMENTS / "paper_cifar10" / "config_gpu.toml"
 SCALE_CONFIG = EXPERIMENTS / "scale_1000_clients" / "config.toml"
+DRAWBACK_SCRIPT = "paper_drawback/run.py"
+#: The paper_drawback cell run at full width by ``--drawback`` when none is named: the one whose
+#: CPU screening came nearest the drawback (see experiments/paper_drawback/README.md).
+DRAWBACK_CELL = "avg-lab-dir"
 TARGET = 0.6  # the paper's accuracy for "time to target"
-SECTIONS = ("local_training", "cohort", "sim_overhead", "paper", "tests", "scale_1000")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # the 1,000-client run is a command of its own
+SECTIONS = ("local_training", "cohort", "sim_overhead", "paper", "tests", "scale_1000",
+            "drawback")
+OWN_COMMANDS = ("scale_1000", "drawback")  # each a command of its own on the device
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in OWN_COMMANDS)
 GRACE = 1.25  # a section is stopped at this multiple of its budget (or the run's end)
 
 # Sizes on the device: each section's budget (seconds) and the work sized to fit it. The sums
@@ -81,6 +92,18 @@ FULL: dict[str, dict[str, Any]] = {
                   warmup_budget=60, overrides=[]),
     "tests": dict(budget=100, args=["tests/core", "tests/runtime"]),
     "scale_1000": dict(budget=450, tfds=True, rounds=100, overrides=[]),
+    # paper_drawback's config at the paper's scale: width 1, all 50,000 training images (10,000
+    # of them the server's distillation set, the CPU study's fifth), evaluated on the test split
+    # (the settings were chosen on the CPU study's validation slice). Costs are measured on the
+    # device, so the virtual clock replays a testbed whose server is the card and whose clients
+    # run at a quarter of its speed. Each method stops at its virtual budget or after
+    # seconds_per_method of wall time, whichever comes first (recorded).
+    "drawback": dict(budget=480, tfds=True, methods=("sync-fwd", "async-continuous",
+                                                     "async-fwd-gated"),
+                     seconds_per_method=150, overrides=[
+                         "models.global_width=1.0", "models.small_width=1.0", "data.limit=none",
+                         "data.proxy_size=10000", "data.test_split=test", "data.test_limit=none",
+                         "cost.mode=measured", "stop.time_budget=150", "stop.eval_interval=3"]),
 }
 # The same on 2 CPU cores in about a minute: tiny models and data, the embedded digits.
 TINY_WIDTHS = ["models.global_width=0.125", "models.small_width=0.125"]
@@ -98,6 +121,12 @@ SMOKE: dict[str, dict[str, Any]] = {
     "scale_1000": dict(budget=60, tfds=False, rounds=2, overrides=[
         "data.source=embedded", "clients.count=10", "data.proxy_size=200",
         "data.test_limit=none", *TINY_WIDTHS]),
+    "drawback": dict(budget=60, tfds=False, methods=("sync-fwd", "async-fwd-gated"),
+                     seconds_per_method=60, overrides=[
+                         "data.source=embedded", "data.limit=none", "data.proxy_size=300",
+                         "data.test_split=test", "data.test_limit=none", "distill.augment=\"none\"",
+                         "distill.steps_per_chunk=5", "distill.gate_holdout=100",
+                         "stop.time_budget=2", "stop.eval_interval=0.5", *TINY_WIDTHS]),
 }
 
 
@@ -372,6 +401,79 @@ def section_scale_1000(p: dict) -> dict:
             **peak_memory()}
 
 
+class MethodWallLimit(KeyboardInterrupt):
+    """A drawback method ran past its wall-time cap (a KeyboardInterrupt, as SectionTimeout)."""
+
+
+def drawback_method(config, data, seconds: float) -> dict:
+    """One method of the drawback comparison, stopped at its virtual budget or after
+    ``seconds`` of wall time; reduced as ``experiments/paper_drawback`` reduces its runs."""
+    from fdjax import report
+    from fdjax.experiment import run
+
+    rows: list[dict] = []
+    start = time.perf_counter()
+
+    def on_row(row: dict) -> None:
+        rows.append(dict(row))
+        if time.perf_counter() - start > seconds:
+            raise MethodWallLimit
+
+    try:
+        result = run(config, data=data, on_row=on_row)
+        capped, timing = False, result.timing
+    except MethodWallLimit:
+        capped, timing = True, {}
+    summary = report.summarize_run(rows, {}, TARGET)
+    out = {"wall_seconds": time.perf_counter() - start, "stopped_by_wall_cap": capped,
+           "virtual_seconds": rows[-1]["time"] if rows else None,
+           **{k: summary[k] for k in ("time_to_target", "final_accuracy", "best_accuracy",
+                                      "plateau_accuracy", "plateaued", "rounds")},
+           "curve": [(r["time"], r.get("global_accuracy")) for r in rows],
+           **{k: v for k, v in timing.items() if isinstance(v, (int, float))}}
+    if rows and "gate_checks" in rows[-1]:  # the gated method: how often its mechanism acted
+        out["mechanism_checks"] = rows[-1]["gate_checks"]
+        out["mechanism_active"] = rows[-1]["gate_opens"]
+    return out
+
+
+def section_drawback(p: dict) -> dict:
+    """A paper_drawback cell at the paper's scale: each method's time to 60%, final and plateau
+    accuracy, guarded on its own so that one that fails leaves the others' figures."""
+    from fdjax.config import load_config
+    from fdjax.experiment import prepare_data
+
+    study = load_script(DRAWBACK_SCRIPT)
+    cell = p["cell"]
+    if cell not in study.CELLS:
+        raise ValueError(f"unknown cell {cell!r}; choose from {list(study.CELLS)}")
+    base = list(study.CELLS[cell])
+    if p["tfds"]:
+        data_dir, problem = tfds_dir_problem()
+        if problem is not None:
+            return {"skipped": problem, "cell": cell, "per_method": {m: None for m in p["methods"]}}
+        base.append(f"data.data_dir={data_dir}")
+    config_path = EXPERIMENTS / Path(DRAWBACK_SCRIPT).parent / "config.toml"
+    out: dict[str, Any] = {"cell": cell, "config": str(config_path.relative_to(ROOT)),
+                           "overrides": base + p["overrides"], "target": TARGET,
+                           "seconds_per_method": p["seconds_per_method"], "per_method": {},
+                           "_errors": []}
+    data = None
+    for method in p["methods"]:
+        try:
+            variant = study.VARIANTS.get(method, [f"method={method}"])  # the profile's sizes win
+            config = load_config(config_path, [*base, *variant, *p["overrides"]])
+            if method in study.VARIANTS:  # the gate holds out evaluation images: its own data
+                own = prepare_data(config)
+            else:  # one cut of the data for the plain methods
+                own = data = data or prepare_data(config)
+            out["per_method"][method] = drawback_method(config, own, p["seconds_per_method"])
+        except Exception as err:  # noqa: BLE001 - recorded, and the next method runs
+            out["per_method"][method] = None
+            out["_errors"].append(f"{method}: {type(err).__name__}: {err}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Running, summarising and writing
 # --------------------------------------------------------------------------------------------
@@ -424,6 +526,13 @@ def summarize(report: dict) -> None:
     report["tests"] = {k: tests.get(k) for k in ("passed", "failed", "skipped", "errors")}
     if "scale_1000" in report["sections"]:
         report["scale_1000_clients"] = result_of(report, "scale_1000")
+    if "drawback" in report["sections"]:
+        drawback = result_of(report, "drawback") or {}
+        report["drawback"] = {"cell": drawback.get("cell"), "per_method": {
+            m: None if r is None else {k: r.get(k) for k in (
+                "time_to_target", "final_accuracy", "plateau_accuracy", "plateaued",
+                "stopped_by_wall_cap", "mechanism_checks", "mechanism_active") if k in r}
+            for m, r in drawback.get("per_method", {}).items()}}
 
 
 def json_safe(value: Any) -> Any:
@@ -473,6 +582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tiny CPU settings of every section (the 1,000-client one too)")
     parser.add_argument("--scale-1000", action="store_true",
                         help="run the 1,000-client config for 100 rounds (a command of its own)")
+    parser.add_argument("--drawback", nargs="?", const=DRAWBACK_CELL, default=None,
+                        metavar="CELL", help="run a paper_drawback cell at full width (a command "
+                        f"of its own; default cell {DRAWBACK_CELL})")
     parser.add_argument("--sections", default=None,
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--out", default=None,
@@ -485,12 +597,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(args.sections) - set(SECTIONS))
         if unknown:
             parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
-    elif args.scale_1000:
-        args.sections = ["scale_1000"]
+    elif args.scale_1000 or args.drawback:
+        args.sections = []
     else:
         args.sections = list(SECTIONS if args.smoke else DEFAULT_SECTIONS)
-    if args.scale_1000 and "scale_1000" not in args.sections:
-        args.sections.append("scale_1000")
+    for name, asked in (("scale_1000", args.scale_1000), ("drawback", args.drawback)):
+        if asked and name not in args.sections:
+            args.sections.append(name)
     return args
 
 
@@ -498,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     profile = SMOKE if args.smoke else FULL
     total = args.total_seconds or profile["total_seconds"]
-    if args.scale_1000 and not args.smoke and args.total_seconds is None:
+    if (args.scale_1000 or args.drawback) and not args.smoke and args.total_seconds is None:
         total = 570  # a command of its own: its budget, under the device's 10-minute limit
     out = Path(args.out) if args.out else Path(__file__).parent / f"results_{card_name()}.json"
     deadline = time.monotonic() + total
@@ -507,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
           f"sections {args.sections}, at most {total:.0f} s -> {out}", flush=True)
     for name in args.sections:
         p = profile[name]
+        if name == "drawback":
+            p = {**p, "cell": args.drawback or DRAWBACK_CELL}
         limit = min(p["budget"] * GRACE, deadline - time.monotonic())
         entry = run_section(name, p, limit)
         report["sections"][name] = entry
