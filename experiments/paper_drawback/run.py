@@ -17,8 +17,9 @@ chosen on a validation slice of the training split (``config.toml``'s ``data.tes
 never on the test split.
 
 Each run is written to ``results/<cell>/<method>/seed<k>/``; a finished run (``nodes.json``) or
-one a live process is running (``running.pid``) is skipped, so a stopped study continues where
-it left off. ``--report`` rebuilds ``results.json`` and the figures from the run directories.
+one a live process is running (``running.pid``) is skipped, and an interrupted one resumes
+from its newest usable checkpoint (``fdjax.run(..., resume=True)``; from the start where it has
+none), so a stopped study continues where it left off. ``--report`` rebuilds ``results.json`` and the figures from the run directories.
 
     python experiments/paper_drawback/run.py [--cells a,b] [--methods m,n] [--seeds 0,1,2]
     python experiments/paper_drawback/run.py --report
@@ -62,6 +63,7 @@ def _sibling(name: str):
 
 def run_cells(args, paper) -> None:
     """Runs every unfinished (cell, seed, method); ``paper`` is paper_cifar10's run module."""
+    from fdjax.checkpoint import CheckpointError
     from fdjax.config import load_config
     from fdjax.experiment import prepare_data, run
 
@@ -79,7 +81,15 @@ def run_cells(args, paper) -> None:
                                  base + VARIANTS.get(method, [f"method={method}"]))
             # a variant may hold out evaluation images for itself (the gate's): its own data
             data = prepare_data(config) if method in VARIANTS else data or prepare_data(config)
-            result = run(config, run_dir, data=data, overwrite=True)
+            result = None
+            if any((run_dir / "checkpoints").glob("*")):  # interrupted: continue it
+                try:
+                    result = run(config, run_dir, data=data, resume=True)
+                    print(f"resumed {run_dir}", flush=True)
+                except CheckpointError as err:
+                    print(f"{run_dir}: {err}; starting it again", flush=True)
+            if result is None:
+                result = run(config, run_dir, data=data, overwrite=True)
             (run_dir / "running.pid").unlink()
             print(f"{cell} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s wall, "
                   f"{result.summary(TARGET)}", flush=True)
