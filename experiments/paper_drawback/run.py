@@ -49,8 +49,18 @@ CELLS = {"-".join(k for k, _ in combo): [o for _, v in combo for o in v]
          for combo in itertools.product(*(a.items() for a in AXES.values()))}
 #: methods beyond a registered name: name -> overrides. The gate's holdout is the tail of the
 #: evaluation split, which evaluation then never uses.
-VARIANTS = {"async-fwd-gated": ["method=async-fwd", "distill.forward_gate=lead",
-                                "distill.gate_holdout_from=test", "distill.gate_holdout=500"]}
+_GATED = ["method=async-fwd", "distill.forward_gate=lead", "distill.gate_holdout_from=test",
+          "distill.gate_holdout=500"]
+# async-fwd-gated-strong: forward distillation as often as sync-fwd's (one forward chunk per 4
+# reverse chunks) and its result taken whole when fresh (mix_alpha 1, so weight (1 + s)^-0.5),
+# where async-fwd-gated mixes in half of it once per 12 chunks and was seen not to lift the
+# small model.
+# async-fwd-strong: the same without the gate, forward-distilling from the start as sync-fwd does
+# (the strong gate stayed shut while a seed's global model was behind the small one).
+_STRONG = ["distill.forward_every=4", "distill.mix_alpha=1.0"]
+VARIANTS = {"async-fwd-gated": _GATED,
+            "async-fwd-gated-strong": [*_GATED, *_STRONG],
+            "async-fwd-strong": ["method=async-fwd", *_STRONG]}
 
 
 def _sibling(name: str):
@@ -113,6 +123,9 @@ def run_record(run_dir: Path) -> tuple[dict, list[dict]]:
     if "gate_checks" in rows[-1]:  # the gated method: how often its mechanism acted
         out["mechanism_checks"] = rows[-1]["gate_checks"]
         out["mechanism_active"] = rows[-1]["gate_opens"]
+    # the forward-distilled models the distillation server sent the averaging server (its only
+    # messages): the mechanism of every forward method, gated or not; 0 for async-continuous
+    out["forwarded_models"] = record["nodes"]["distillation"]["messages"]
     return out, rows
 
 
