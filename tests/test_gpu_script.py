@@ -121,7 +121,7 @@ def test_drawback_section_runs_the_cell_and_records_the_gate(report):
     section = report["sections"]["drawback"]["result"]
     assert drawback["cell"] == section["cell"] and section["config"].endswith(
         "paper_drawback/config.toml")
-    assert set(drawback["per_method"]) == {"sync-fwd", "async-fwd-gated"}
+    assert set(drawback["per_method"]) == {"sync-fwd", "async-fwd-strong", "async-fwd-gated"}
     for method, run in section["per_method"].items():
         assert run is not None, method
         assert run["stopped_by_wall_cap"] is False and run["virtual_seconds"] == 2.0, run
