@@ -155,6 +155,53 @@ def summarize_run(rows: Sequence[Mapping[str, Any]], nodes: Mapping[str, Mapping
 # Across seeds and methods
 # --------------------------------------------------------------------------------------------
 
+def common_level(runs: Iterable[Iterable[Mapping[str, Any]]], step: float = 0.05
+                 ) -> float | None:
+    """The highest multiple of ``step`` that the global model of every run reaches.
+
+    Where no run reaches the paper's target, a time to target needs another level; taking the
+    highest one that *every* run of the methods compared reaches makes that choice by a stated
+    rule, and no method's time is then only a bound. None if some run has no evaluation, or
+    reaches less than one step.
+    """
+    bests = [max((float(r["global_accuracy"]) for r in rows
+                  if r.get("global_accuracy") is not None), default=None) for rows in runs]
+    if not bests or any(b is None for b in bests):
+        return None
+    # 1e-9: an accuracy of exactly 0.45 stored as 0.44999999... still counts as 45%
+    level = math.floor(min(bests) / step + 1e-9) * step
+    return round(level, 10) if level > 0 else None
+
+
+def ratios_to_reference(times: Mapping[str, Mapping[int, float | None]], reference: str
+                        ) -> dict[str, dict[str, Any]]:
+    """Each method's time over the reference's, seed by seed, with their mean and spread.
+
+    The paper's table divides each method's time to target by ``sync-fwd``'s. Dividing per
+    seed (the same clients, data and initial models) and then averaging keeps the seed-to-seed
+    spread, which a ratio of the means hides.
+
+    Args:
+        times: method -> seed -> time to the level (None where not reached).
+        reference: the method every other is divided by.
+
+    Returns:
+        method -> ``{"per_seed": {seed: ratio or None}, "mean", "std", "seeds"}``, where
+        ``seeds`` counts the seeds with both times; the reference itself is left out.
+    """
+    ref = times.get(reference, {})
+    out: dict[str, dict[str, Any]] = {}
+    for method, by_seed in times.items():
+        if method == reference:
+            continue
+        per_seed = {seed: (None if t is None or ref.get(seed) in (None, 0) else t / ref[seed])
+                    for seed, t in sorted(by_seed.items()) if seed in ref}
+        stats = _mean_std(list(per_seed.values()))
+        out[method] = {"per_seed": per_seed, **stats,
+                       "seeds": sum(v is not None for v in per_seed.values())}
+    return out
+
+
 def _mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
     present = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if present.size == 0:

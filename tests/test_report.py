@@ -9,12 +9,14 @@ import pytest
 
 from fdjax.report import (
     METHOD_COLORS,
+    common_level,
     idle_fraction,
     method_colors,
     plot_accuracy,
     plot_idle,
-    results_json,
     plateau,
+    ratios_to_reference,
+    results_json,
     summarize_method,
     summarize_run,
     table_markdown,
@@ -37,6 +39,33 @@ NODES = {
     "avg": {"role": "averaging", "busy": 1.0, "idle": 9.0, "messages": 8, "bytes": 200},
     "kd": {"role": "distillation", "busy": 5.0, "idle": 5.0, "messages": 8, "bytes": 200},
 }
+
+
+# --- common level and ratios to the reference ----------------------------------------------------
+
+def test_common_level_is_the_highest_step_every_run_reaches():
+    runs = [[row(1.0, 0.30), row(2.0, 0.47)], [row(1.0, 0.52), row(2.0, 0.51)],
+            [row(1.0, 0.45)]]  # exactly on a step counts
+    assert common_level(runs) == pytest.approx(0.45)
+    assert common_level(runs, step=0.1) == pytest.approx(0.4)
+
+
+def test_common_level_none_without_evaluations_or_below_one_step():
+    assert common_level([]) is None
+    assert common_level([[row(1.0, 0.5)], [row(1.0, None)]]) is None
+    assert common_level([[row(1.0, 0.04)]]) is None
+
+
+def test_ratios_to_reference_per_seed_then_mean():
+    times = {"sync-fwd": {0: 100.0, 1: 200.0, 2: None},
+             "async": {0: 50.0, 1: 150.0, 2: 80.0}, "late": {0: None, 1: 100.0}}
+    out = ratios_to_reference(times, "sync-fwd")
+    assert set(out) == {"async", "late"}  # the reference is left out
+    assert out["async"]["per_seed"] == {0: 0.5, 1: 0.75, 2: None}  # seed 2: no reference time
+    assert out["async"]["mean"] == pytest.approx(0.625)
+    assert out["async"]["std"] == pytest.approx(0.125)
+    assert out["async"]["seeds"] == 2
+    assert out["late"]["per_seed"] == {0: None, 1: 0.5} and out["late"]["seeds"] == 1
 
 
 # --- time_to_target ---------------------------------------------------------------------------
