@@ -135,49 +135,44 @@ def run_record(run_dir: Path) -> tuple[dict, list[dict]]:
     return out, rows
 
 
-def level_ratios(runs: list[dict], curves: dict) -> dict:
+def level_ratios(finished: list[tuple[dict, list[dict]]]) -> dict:
     """Per cell, the paper's table as ratios to ``sync-fwd`` at the cell's common level.
 
     No method reaches 60% in some cells, so each cell's times are read at its *level*: the
     highest multiple of 5 points that every run of the two paper methods compared there
-    (``SCREEN``) reaches, a rule fixed before reading any ratio. Each run record gains
-    ``level`` and ``time_to_level``; a cell without both methods' runs gets no ratios.
+    (``SCREEN``) reaches, a rule fixed before reading any ratio. Each run record of
+    ``finished`` (``(record, rows)`` pairs) gains ``level`` and ``time_to_level``; a cell
+    without both methods' runs gets no ratios.
     """
     from fdjax import report
 
     out = {}
-    for study, by_method in curves.items():
-        if not all(m in by_method for m in SCREEN):
+    for study in sorted({record["study"] for record, _ in finished}):
+        cell = [(record, rows) for record, rows in finished if record["study"] == study]
+        if not {record["method"] for record, _ in cell} >= set(SCREEN):
             continue
-        level = report.common_level([rows for m in SCREEN for rows in by_method[m]])
+        level = report.common_level([rows for record, rows in cell
+                                     if record["method"] in SCREEN])
         if level is None:
             continue
         times: dict[str, dict[int, float | None]] = {}
-        for record in runs:
-            if record["study"] != study:
-                continue
-            rows = curves[study][record["method"]][record["_index"]]
+        for record, rows in cell:
             record["level"] = level
             record["time_to_level"] = report.time_to_target(rows, level)
             times.setdefault(record["method"], {})[record["seed"]] = record["time_to_level"]
         out[study] = {"level": level, "reference": SCREEN[0],
                       "ratios": report.ratios_to_reference(times, SCREEN[0])}
-    for record in runs:
-        record.pop("_index", None)
     return out
 
 
 def write_report(out: Path) -> None:
     from fdjax import report
 
-    runs, curves = [], {}
-    for nodes in sorted(out.glob("*/*/seed*/nodes.json")):
-        record, rows = run_record(nodes.parent)
-        runs.append(record)
-        seeds = curves.setdefault(record["study"], {}).setdefault(record["method"], [])
-        record["_index"] = len(seeds)  # its rows' place in curves, for level_ratios
-        seeds.append(rows)
-    ratios = level_ratios(runs, curves)
+    finished = [run_record(nodes.parent) for nodes in sorted(out.glob("*/*/seed*/nodes.json"))]
+    ratios = level_ratios(finished)
+    curves: dict[str, dict[str, list[list[dict]]]] = {}
+    for record, rows in finished:
+        curves.setdefault(record["study"], {}).setdefault(record["method"], []).append(rows)
     for study, by_method in curves.items():
         # the dashed line where the cell's times are read: 60%, or its common level below it
         line = min(TARGET, ratios.get(study, {}).get("level", TARGET))
@@ -186,7 +181,7 @@ def write_report(out: Path) -> None:
                                    f"(dashed: {line:.0%})")
     results = {"target_accuracy": TARGET, "paper_ratios_to_sync_fwd": PAPER,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "cells": CELLS, "runs": runs, "ratios": ratios}
+               "cells": CELLS, "runs": [record for record, _ in finished], "ratios": ratios}
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
