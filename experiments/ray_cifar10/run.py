@@ -51,7 +51,8 @@ def per_computation(run_dir: Path, rounds: int, chunks: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=default_tfds_dir())
+    # relative (as paper_cifar10's default_data_dir), so recorded configs name no local path
+    parser.add_argument("--data-dir", default=os.path.relpath(default_tfds_dir()))
     parser.add_argument("--methods", default="sync,async-continuous")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--report", action="store_true",
