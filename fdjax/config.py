@@ -277,8 +277,9 @@ class ModelsConfig(_Section):
     global_width: float = _f(0.5, _gt(0))
     small_width: float = _f(0.5, _gt(0))
     norm: str = _f("none", _one_of(*NORMS))
-    # How gradients are computed (fdjax.core.layers): "auto" writes out the max-pool's gradient
-    # where JAX's default backend is the CPU (faster there) and leaves it to XLA elsewhere;
+    # How gradients are computed (fdjax.core.layers): "auto" writes out the max-pool's and the
+    # convolutions' bias gradients where JAX's default backend is the CPU (faster there) and
+    # leaves them to XLA elsewhere;
     # "matmul" writes out the convolutions' weight gradients too; "xla" writes out nothing.
     grads: str = _f("auto", _one_of(*_GRADS))
 

@@ -75,9 +75,10 @@ class CNN(nn.Module):
         num_classes: number of output logits.
         norm: "none", "group" (GroupNorm, up to 8 groups) or "layer" after each convolution.
         dtype: computation dtype (parameters stay float32).
-        grads: "xla" (XLA's own gradients), "pool" (the max-pool's gradient written out,
-            ``fdjax.core.layers``: the same values, several times faster on XLA CPU) or "matmul"
-            (the convolutions' weight gradients written out too); the forward pass is the same.
+        grads: "xla" (XLA's own gradients), "pool" (the max-pool's and the convolutions' bias
+            gradients written out, ``fdjax.core.layers``: the same values, several times faster
+            on XLA CPU) or "matmul" (the convolutions' weight gradients written out too); the
+            forward pass is the same.
     """
 
     stages: Sequence[Sequence[int]]
@@ -114,8 +115,9 @@ class CNN(nn.Module):
     def _conv(self, channels: int) -> nn.Module:
         # Both layers are named Conv_<n> and hold the same parameters, so the choice of gradient
         # never changes a parameter tree, a checkpoint or an initial value.
-        if self.grads == "matmul":
-            return Conv(channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.he_normal())
+        if self.grads in ("pool", "matmul"):
+            return Conv(channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.he_normal(),
+                        kernel_grad="matmul" if self.grads == "matmul" else "xla")
         return nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype,
                        kernel_init=nn.initializers.he_normal())
 

@@ -9,7 +9,7 @@ import pytest
 
 from fdjax.config import ModelsConfig, _GRADS
 from fdjax.core import make_model
-from fdjax.core.layers import Conv, conv_same, max_pool_2x2, resolve_grads
+from fdjax.core.layers import Conv, add_bias, conv_same, max_pool_2x2, resolve_grads
 
 
 def _xla_conv(x, w):
@@ -96,3 +96,21 @@ def test_auto_writes_gradients_out_on_cpu_only_and_bad_names_are_refused():
     assert ModelsConfig().grads == "auto"
     with pytest.raises(ValueError, match="grads"):
         ModelsConfig(grads="fast")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bias_gradient_is_the_sum_over_everything_but_channels(dtype):
+    y = jax.random.normal(jax.random.key(0), (4, 5, 6, 3)).astype(dtype)
+    bias = jnp.arange(3.0).astype(dtype)
+    dy = jax.random.normal(jax.random.key(1), y.shape).astype(dtype)
+    out, vjp = jax.vjp(add_bias, y, bias)
+    assert (out == y + bias).all() and out.dtype == dtype
+    got_y, got_bias = jax.jit(vjp)(dy)
+    assert (got_y == dy).all() and got_bias.dtype == dtype
+    want = dy.astype(jnp.float32).sum((0, 1, 2))
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16 keeps 8 bits of the f32 sum
+    assert _rel(got_bias.astype(jnp.float32), want) < tol
+    # as a cohort takes it: each lane its own sum
+    lanes = jax.vmap(jax.grad(lambda b, v: (add_bias(v, b) ** 2).sum()))(
+        jnp.zeros((2, 3)), jnp.stack([y, -2 * y]).astype(jnp.float32))
+    assert _rel(lanes, jnp.stack([2 * y, -4 * y]).astype(jnp.float32).sum((1, 2, 3))) < 1e-5
