@@ -190,5 +190,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.kernel_grad not in ("matmul", "xla"):
+            raise ValueError(f"unknown kernel_grad {self.kernel_grad!r}; choose 'matmul' or 'xla'")
         y = conv_same(x, kernel) if self.kernel_grad == "matmul" else _conv(x, kernel)
         return add_bias(y, bias)

@@ -84,6 +84,8 @@ def test_conv_layer_keeps_dtype_and_flax_names():
     grads = jax.grad(lambda p: layer.apply(p, jnp.ones((1, 8, 8, 2))).astype(jnp.float32).sum())(
         params)
     assert grads["params"]["kernel"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="kernel_grad 'fast'"):
+        Conv(4, kernel_grad="fast").init(jax.random.key(0), jnp.zeros((1, 8, 8, 2)))
 
 
 def test_auto_writes_gradients_out_on_cpu_only_and_bad_names_are_refused():
