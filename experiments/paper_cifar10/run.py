@@ -11,11 +11,17 @@ width), each run written to ``<out>/<partition>/<method>/seed<k>/``:
 * ``seed3``: ``async-continuous`` and ``async-fwd-gated`` on seed 3, for the speed half of that
   claim, whose crossing times move by whole evaluations from seed to seed;
 * ``noniid``: the paper's four methods and both beyond-paper methods with Dirichlet(0.5) client
-  data.
+  data;
+* ``to60``: the runs the paper's table as ratios at 60% still needs (``sync-fwd`` on seeds 0
+  and 1, which had not crossed 60% by 750 s, ``sync`` and ``async-round`` on seeds 1 and 2),
+  each run until it crosses 60% (at most 1,100 virtual s), into ``<out>/iid_to60/``; the
+  report's last table combines them with the 750 s runs.
 
 A run whose directory already holds a finished run (``nodes.json``), or one that another live
-process is running (``running.pid``), is skipped, so a study that was stopped continues where it
-left off, and several processes can share a study (``--methods`` picks and orders the methods).
+process is running (``running.pid``), is skipped, and an interrupted one resumes from its newest
+usable checkpoint (taken every 60 wall seconds, at the end of a round), so a study that was
+stopped continues where it left off, and several processes can share a study (``--methods``
+picks and orders the methods).
 ``--report`` only rebuilds ``results.json``, ``results.md`` and the figures from the run
 directories.
 
@@ -48,6 +54,15 @@ STUDIES = {
     "seed3": ("iid", ["async-continuous", "async-fwd-gated"], [3]),
     "noniid": ("dirichlet", ["sync-fwd", "sync", "async-round", "async-continuous",
                              "async-fwd", "async-fwd-gated"], [0]),
+    # the paper's table as ratios at 60%: the runs the 750 s studies left without a crossing
+    # (sync-fwd on seeds 0, 1) or never made (sync, async-round on seeds 1, 2), each run until
+    # it crosses 60% (at most 1,100 s), into "iid_to60" beside "iid"
+    "to60": ("iid_to60", ["sync-fwd", "sync", "async-round"], [0, 1, 2]),
+}
+#: Studies whose runs differ from config.toml's: study -> (overrides, method -> its seeds).
+STUDY_SETTINGS = {
+    "to60": (["data.partition=iid", "stop.time_budget=1100", "stop.target_accuracy=0.6"],
+             {"sync-fwd": [0, 1], "sync": [1, 2], "async-round": [1, 2]}),
 }
 #: Studied variants of a method: name -> config overrides.
 #: The gated method's holdout is the test split's tail, which evaluation (its first 2,000 images)
@@ -73,18 +88,19 @@ def default_data_dir() -> str:
 def run_studies(args) -> None:
     from tqdm import tqdm
 
+    from fdjax.checkpoint import CheckpointError
     from fdjax.config import load_config
     from fdjax.experiment import prepare_data, run
 
     for study in args.study:
         partition, methods, seeds = STUDIES[study]
+        overrides, only = STUDY_SETTINGS.get(study, ([f"data.partition={partition}"], {}))
         for seed in seeds:
-            base = [f"data.data_dir={args.data_dir}", *args.set, f"data.partition={partition}",
-                    f"seed={seed}"]
+            base = [f"data.data_dir={args.data_dir}", *args.set, *overrides, f"seed={seed}"]
             cfg = load_config(args.config, base)
             data = None
             for method in args.methods or methods:
-                if method not in methods:
+                if method not in methods or seed not in only.get(method, seeds):
                     continue
                 run_dir = args.out / partition / method / f"seed{seed}"
                 if (run_dir / "nodes.json").exists() or running_elsewhere(run_dir):
@@ -104,8 +120,16 @@ def run_studies(args) -> None:
                         bar.update(min(row["time"], budget) - bar.n)
                         bar.set_postfix_str(f"global {row['global_accuracy']:.3f} "
                                             f"small {row['small_accuracy'] or 0:.3f}")
-                    # an unfinished run left by a kill is run again from the start
-                    result = run(variant, run_dir, data=data, on_row=on_row, overwrite=True)
+                    result = None
+                    if any((run_dir / "checkpoints").glob("*")):  # interrupted: continue it
+                        try:
+                            result = run(variant, run_dir, data=data, on_row=on_row,
+                                         resume=True)
+                            print(f"resumed {run_dir}", flush=True)
+                        except CheckpointError as err:
+                            print(f"{run_dir}: {err}; starting it again", flush=True)
+                    if result is None:
+                        result = run(variant, run_dir, data=data, on_row=on_row, overwrite=True)
                 (run_dir / "running.pid").unlink()
                 print(f"{partition} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s "
                       f"wall, {result.summary(TARGET)}", flush=True)
@@ -190,6 +214,12 @@ def write_report(out: Path) -> None:
     if not everything:
         print("no finished runs to report", file=sys.stderr)
         return
+    to60 = ratios_to_60(out)
+    if to60:
+        everything["ratios_at_60"] = to60
+        lines_to60 = ratios_to_60_lines(to60)
+    else:
+        lines_to60 = []
     everything["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     (out / "results.json").write_text(json.dumps(everything, indent=1))
     lines = ["# CIFAR-10 results (generated by run.py --report)", ""]
@@ -209,8 +239,66 @@ def write_report(out: Path) -> None:
         for name in BEYOND:
             lines += beyond_paper_lines(runs, summaries, name)
         lines += [f"![{title}](figure_{partition}.png)", ""]
+    lines += lines_to60
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'results.md'}")
+
+
+def ratios_to_60(out: Path) -> dict:
+    """The paper's table as ratios at 60%, seed by seed, from every IID run that crossed it.
+
+    A (method, seed)'s time is its ``iid_to60`` run's (run until it crossed 60%) where there is
+    one, else its 750 s ``iid`` run's where that crossed 60%; ``source`` says which. Dividing
+    per seed (:func:`fdjax.report.ratios_to_reference`) keeps the seed-to-seed spread.
+    """
+    from fdjax import report
+
+    times: dict[str, dict[int, float | None]] = {}
+    source: dict[str, dict[int, str]] = {}
+    for partition in ("iid", "iid_to60"):  # iid_to60 second: its runs take precedence
+        for method, rs in load_runs(out, partition).items():
+            if method not in PAPER_SECONDS:
+                continue
+            for r in rs:
+                t = report.time_to_target(r["rows"], TARGET)
+                if t is None and partition == "iid" and r["seed"] in times.get(method, {}):
+                    continue
+                times.setdefault(method, {})[r["seed"]] = t
+                source.setdefault(method, {})[r["seed"]] = partition
+    if "sync-fwd" not in times:
+        return {}
+    ratios = report.ratios_to_reference(times, "sync-fwd")
+    return {"target": TARGET,
+            "times": {m: {str(k): v for k, v in sorted(ts.items())} for m, ts in times.items()},
+            "source": {m: {str(k): v for k, v in sorted(ss.items())} for m, ss in source.items()},
+            "ratios": {m: {**r, "per_seed": {str(k): v for k, v in r["per_seed"].items()}}
+                       for m, r in ratios.items()},
+            "paper": {m: PAPER_SECONDS[m] / PAPER_SECONDS["sync-fwd"] for m in PAPER_SECONDS}}
+
+
+def ratios_to_60_lines(to60: dict) -> list[str]:
+    """results.md's table of :func:`ratios_to_60`."""
+    lines = ["## The paper's table as ratios at 60% (IID)", "",
+             "Time to 60% seed by seed (`*`: from the `iid_to60` run, run until it crossed 60%; "
+             "otherwise the 750 s `iid` run), and its ratio to `sync-fwd`'s on the same seed:", "",
+             "| method | time to 60%, per seed | ratio to `sync-fwd`, per seed | mean (sd) | "
+             "paper |", "|---|---|---|---|---|"]
+    for method in PAPER_SECONDS:
+        if method not in to60["times"]:
+            continue
+        ts = to60["times"][method]
+        cells = [f"{'not reached' if t is None else f'{t:.0f} s'}"
+                 f"{'*' if to60['source'][method][k] == 'iid_to60' else ''} (seed {k})"
+                 for k, t in ts.items()]
+        r = to60["ratios"].get(method)
+        per = ("1" if r is None else
+               "; ".join(f"{'—' if v is None else f'{v:.2f}'} (seed {k})"
+                         for k, v in r["per_seed"].items()))
+        mean = ("1" if r is None else "—" if r["mean"] is None
+                else f"{r['mean']:.2f} ({r['std']:.2f}, {r['seeds']} seeds)")
+        lines.append(f"| {method} | {'; '.join(cells)} | {per} | {mean} | "
+                     f"{to60['paper'][method]:.2f} |")
+    return lines + [""]
 
 
 def beyond_paper_lines(runs: dict, summaries: dict, name: str) -> list[str]:
