@@ -75,7 +75,7 @@ def test_training_updates_batch_stats_and_dropout_draws_from_the_step_key():
     model = ModelSpec(resnet6, (16, 16, 3), 10).build()
     variables = model.init(jax.random.key(0))
     assert set(variables) == {"params", "batch_stats"}
-    images = jax.random.randint(jax.random.key(1), (8, 16, 16, 3), 0, 256).astype(jnp.uint8)
+    images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3)), jnp.uint8)
     batch = {"images": images, "labels": jnp.arange(8) % 10, "mask": jnp.ones(8)}
     optimizer = make_optimizer()
     state, _ = train_step(init_train_state(variables, optimizer), batch, jax.random.key(2),

@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdjax.core import layers
 from fdjax.core.layers import Conv, max_pool_2x2, resolve_grads
 
 #: Convolution stages (channels per conv, one tuple per pooling stage) and hidden dense widths.
@@ -116,10 +117,10 @@ class CNN(nn.Module):
         # Both layers are named Conv_<n> and hold the same parameters, so the choice of gradient
         # never changes a parameter tree, a checkpoint or an initial value.
         if self.grads in ("pool", "matmul"):
-            return Conv(channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.he_normal(),
+            return Conv(channels, (3, 3), dtype=self.dtype, kernel_init=layers.he_normal(),
                         kernel_grad="matmul" if self.grads == "matmul" else "xla")
         return nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype,
-                       kernel_init=nn.initializers.he_normal())
+                       kernel_init=layers.he_normal())
 
 
 def _groups(channels: int) -> int:

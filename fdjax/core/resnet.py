@@ -25,6 +25,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdjax.core.layers import lecun_normal
+
+
+def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1) -> nn.Conv:
+    """``nn.Conv`` without a bias, with flax's own kernel initialiser drawn so that it compiles
+    in a fraction of the time (the same values: ``fdjax.core.layers.flat_draws``)."""
+    return nn.Conv(features, kernel_size, strides=strides, use_bias=False,
+                   kernel_init=lecun_normal())
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers with a shortcut (projected where the shape changes)."""
@@ -35,12 +44,12 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-        y = nn.Conv(self.channels, (3, 3), strides=self.stride, use_bias=False)(x)
+        y = _conv(self.channels, (3, 3), strides=self.stride)(x)
         y = nn.relu(norm()(y))
-        y = nn.Conv(self.channels, (3, 3), use_bias=False)(y)
+        y = _conv(self.channels, (3, 3))(y)
         y = norm()(y)
         if x.shape[-1] != self.channels or self.stride != 1:
-            x = norm()(nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False)(x))
+            x = norm()(_conv(self.channels, (1, 1), strides=self.stride)(x))
         return nn.relu(x + y)
 
 
@@ -64,7 +73,7 @@ class ResNet(nn.Module):
         x = images.astype(jnp.float32)
         if jnp.issubdtype(images.dtype, jnp.integer):
             x = x / 255.0
-        x = nn.Conv(self.width, (3, 3), use_bias=False)((x - 0.5) / 0.25)
+        x = _conv(self.width, (3, 3))((x - 0.5) / 0.25)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
         for stage, count in enumerate(self.blocks):
             for block in range(count):

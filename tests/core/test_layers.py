@@ -17,6 +17,12 @@ def _xla_conv(x, w):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _normal(seed, shape):
+    """Test inputs drawn by numpy: a JAX draw over a 4-d or 5-d shape takes XLA CPU seconds to
+    compile (``fdjax.core.layers.flat_draws``), once per shape."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _rel(a, b):
     return float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30))
 
@@ -24,9 +30,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("kernel", [(3, 3), (2, 2), (1, 3), (5, 5)])
 @pytest.mark.parametrize("shape", [(4, 9, 9, 3), (2, 7, 10, 5), (3, 1, 1, 2)])
 def test_convolution_gradients_equal_xlas(kernel, shape):
-    x = jax.random.normal(jax.random.key(0), shape)
-    w = jax.random.normal(jax.random.key(1), kernel + (shape[-1], 4))
-    dy = jax.random.normal(jax.random.key(2), shape[:-1] + (4,))
+    x = _normal(0, shape)
+    w = _normal(1, kernel + (shape[-1], 4))
+    dy = _normal(2, shape[:-1] + (4,))
     both = jax.jit(lambda f, x, w, dy: (lambda out, vjp: (out, vjp(dy)))(*jax.vjp(f, x, w)),
                    static_argnums=0)
     (out, grads), (ref_out, ref_grads) = both(conv_same, x, w, dy), both(_xla_conv, x, w, dy)
@@ -37,8 +43,8 @@ def test_convolution_gradients_equal_xlas(kernel, shape):
 
 
 def test_convolution_gradient_under_vmap_as_a_cohort_takes_it():
-    xs = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 3))
-    ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 6))
+    xs = _normal(0, (3, 2, 8, 8, 3))
+    ws = _normal(1, (3, 3, 3, 3, 6))
     grad = lambda f: jax.vmap(jax.grad(lambda w, x: (f(x, w) ** 2).sum()))
     assert _rel(jax.jit(grad(conv_same))(ws, xs), grad(_xla_conv)(ws, xs)) < 1e-5
 
@@ -102,9 +108,9 @@ def test_auto_writes_gradients_out_on_cpu_only_and_bad_names_are_refused():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_bias_gradient_is_the_sum_over_everything_but_channels(dtype):
-    y = jax.random.normal(jax.random.key(0), (4, 5, 6, 3)).astype(dtype)
+    y = _normal(0, (4, 5, 6, 3)).astype(dtype)
     bias = jnp.arange(3.0).astype(dtype)
-    dy = jax.random.normal(jax.random.key(1), y.shape).astype(dtype)
+    dy = _normal(1, y.shape).astype(dtype)
     out, vjp = jax.vjp(add_bias, y, bias)
     assert (out == y + bias).all() and out.dtype == dtype
     got_y, got_bias = jax.jit(vjp)(dy)
@@ -116,3 +122,39 @@ def test_bias_gradient_is_the_sum_over_everything_but_channels(dtype):
     lanes = jax.vmap(jax.grad(lambda b, v: (add_bias(v, b) ** 2).sum()))(
         jnp.zeros((2, 3)), jnp.stack([y, -2 * y]).astype(jnp.float32))
     assert _rel(lanes, jnp.stack([2 * y, -4 * y]).astype(jnp.float32).sum((1, 2, 3))) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["he_normal", "lecun_normal"])
+@pytest.mark.parametrize("shape, dtype", [((3, 3, 3, 8), jnp.float32), ((3, 3, 16, 32), jnp.float32),
+                                          ((5, 4, 6), jnp.float32), ((2, 3, 3, 4, 5), jnp.float32),
+                                          ((3, 3, 8, 8), jnp.bfloat16), ((64, 10), jnp.float32)])
+def test_flat_draws_give_flaxs_initial_values_bit_for_bit(name, shape, dtype):
+    """The quick-to-compile initialisers draw the very numbers of flax's own on the kernel's
+    shape, so no parameter, checkpoint or recorded result changes."""
+    from fdjax.core import layers
+
+    key = jax.random.key(7)
+    ours = getattr(layers, name)()(key, shape, dtype)
+    theirs = getattr(nn.initializers, name)()(key, shape, dtype)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+
+
+@pytest.mark.parametrize("grads", ["xla", "pool"])
+def test_the_models_initial_values_are_those_of_flaxs_initialisers(grads, monkeypatch):
+    """Every leaf of the CNN (``he_normal`` kernels) and of the ResNet (flax's default
+    ``lecun_normal``) is what the plain flax initialisers give, bit for bit."""
+    from fdjax.core import layers, resnet
+
+    key, images = jax.random.key(3), jnp.zeros((1, 8, 8, 3), jnp.uint8)
+    cnn = make_model("cnn6", input_shape=(8, 8, 3), width=0.25, grads=grads)
+    res = resnet.resnet6(10, input_shape=(8, 8, 3), width=4)
+    ours = [cnn.init(key), res.init(key, images, train=False)]
+    monkeypatch.setattr(layers, "he_normal", nn.initializers.he_normal)
+    monkeypatch.setattr(resnet, "lecun_normal", nn.initializers.lecun_normal)
+    cnn = make_model("cnn6", input_shape=(8, 8, 3), width=0.25, grads=grads)
+    res = resnet.resnet6(10, input_shape=(8, 8, 3), width=4)
+    plain = [cnn.init(key), res.init(key, images, train=False)]
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
