@@ -74,9 +74,8 @@ def _sibling(name: str):
 
 def run_cells(args, paper) -> None:
     """Runs every unfinished (cell, seed, method); ``paper`` is paper_cifar10's run module."""
-    from fdjax.checkpoint import CheckpointError
     from fdjax.config import load_config
-    from fdjax.experiment import prepare_data, run
+    from fdjax.experiment import prepare_data
 
     for cell, seed in itertools.product(args.cells, args.seeds):
         base = [f"data.data_dir={args.data_dir}", *CELLS[cell], f"seed={seed}", *args.set]
@@ -92,15 +91,7 @@ def run_cells(args, paper) -> None:
                                  base + VARIANTS.get(method, [f"method={method}"]))
             # a variant may hold out evaluation images for itself (the gate's): its own data
             data = prepare_data(config) if method in VARIANTS else data or prepare_data(config)
-            result = None
-            if any((run_dir / "checkpoints").glob("*")):  # interrupted: continue it
-                try:
-                    result = run(config, run_dir, data=data, resume=True)
-                    print(f"resumed {run_dir}", flush=True)
-                except CheckpointError as err:
-                    print(f"{run_dir}: {err}; starting it again", flush=True)
-            if result is None:
-                result = run(config, run_dir, data=data, overwrite=True)
+            result = paper.run_or_resume(config, run_dir, data)
             (run_dir / "running.pid").unlink()
             print(f"{cell} {method} seed{seed}: {result.timing['wall_seconds']:.0f} s wall, "
                   f"{result.summary(TARGET)}", flush=True)
