@@ -30,8 +30,8 @@ def four_devices(checks: str) -> dict:
     """``sharded_cohort_check``'s report for ``checks``, from a process with four devices."""
     # LLVM at -O0: these checks compare a sharded cohort with an unsharded one compiled the
     # same way, on models of a few thousand parameters, so their time is XLA compiling about
-    # 60 programs; -O0 halves that (27 s against 39-49 s for the trainer checks), and what is
-    # checked (placement, calls, traces, equal results and schedule) does not depend on it.
+    # 60 programs; -O0 took this module from 117 s to 87 s on a quiet 2-core machine, and what
+    # is checked (placement, calls, traces, equal results and schedule) does not depend on it.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
         [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4",
          "--xla_backend_optimization_level=0"]).strip())
