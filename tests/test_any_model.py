@@ -16,7 +16,7 @@ import pytest
 from fdjax.cli import main
 from fdjax.core import aggregation
 from fdjax.core.models import ModelError, ModelSpec
-from fdjax.core.resnet import ResNet, resnet6
+from fdjax.core.resnet import ResNet
 from fdjax.core.training import init_train_state, make_optimizer, train_step
 from fdjax.experiment import compare, run
 
@@ -46,6 +46,14 @@ def flat(npz) -> dict[str, np.ndarray]:
     return {k: npz[k] for k in npz.files}
 
 
+def stem_resnet(num_classes: int) -> ResNet:
+    """The ResNet's stem alone: convolution, BatchNorm, pooling, Dropout and logits. It has the
+    running statistics and the dropout draws that the tests below are about, and compiles in a
+    fraction of resnet6's time (in a fresh process, a third); the residual blocks run through
+    ``fdjax run`` in the tests of the real ResNets."""
+    return ResNet((), num_classes, width=8)
+
+
 def test_a_batchnorm_dropout_resnet_runs_through_fdjax_run_from_an_import_path(tmp_path):
     out = tmp_path / "run"
     # batches of 8: enough steps per round for BatchNorm's running statistics (which
@@ -72,7 +80,7 @@ def test_a_batchnorm_dropout_resnet_runs_through_fdjax_run_from_an_import_path(t
 
 
 def test_training_updates_batch_stats_and_dropout_draws_from_the_step_key():
-    model = ModelSpec(resnet6, (16, 16, 3), 10).build()
+    model = ModelSpec(stem_resnet(10), (16, 16, 3), 10).build()
     variables = model.init(jax.random.key(0))
     assert set(variables) == {"params", "batch_stats"}
     images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3)), jnp.uint8)
@@ -97,7 +105,7 @@ def test_training_updates_batch_stats_and_dropout_draws_from_the_step_key():
 
 
 def test_fedavg_averages_the_running_statistics_like_every_other_leaf():
-    model = ModelSpec(resnet6, (16, 16, 3), 10).build()
+    model = ModelSpec(stem_resnet(10), (16, 16, 3), 10).build()
     one, two = model.init(jax.random.key(0)), model.init(jax.random.key(1))
     two = jax.tree_util.tree_map(lambda x: x + 1.0, two)
     mean = aggregation.fedavg(aggregation.stack_trees([one, two]), jnp.asarray([1.0, 3.0]))
@@ -140,7 +148,7 @@ def test_models_from_python_are_recorded_by_import_path_or_as_caller(tmp_path, c
     assert by_path.config.models.small_model == "tests.test_any_model:tiny_net"
     assert by_path.config.models.global_model is None  # the preset, as the config says
     out = tmp_path / "object"
-    result = run(cfg, out, models={"global": ResNet((1,), 10, 8), "small": TinyNet()})
+    result = run(cfg, out, models={"global": stem_resnet(10), "small": TinyNet()})
     recorded = (out / "config.toml").read_text()
     assert 'global_model = "caller"' in recorded and 'small_model = "caller"' in recorded
     (out / "nodes.json").unlink()  # as if killed after its checkpoints
@@ -149,8 +157,8 @@ def test_models_from_python_are_recorded_by_import_path_or_as_caller(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'models.global_model = "caller"' in err[0], err
     assert snapshot(out) == before
-    resumed = run(result.config, out, models={"global": ResNet((1,), 10, 8),
-                                              "small": TinyNet()}, resume=True)
+    resumed = run(result.config, out, models={"global": stem_resnet(10), "small": TinyNet()},
+                  resume=True)
     assert resumed.resumes
     comparison = compare(cfg, ["sync", "fedbuff"], out_dir=tmp_path / "cmp",
                          models={"small": tiny_net})
@@ -234,32 +242,46 @@ def test_an_unknown_role_in_models_is_an_error():
         run(tiny("sync"), models={"large": TinyNet()})
 
 
-@pytest.mark.parametrize("lanes", ["vmap", "sequential"])
-def test_a_cohort_trains_a_batchnorm_dropout_model_as_each_client_alone(lanes):
-    """Cohort lanes carry each client's running statistics and draw its dropout keys exactly as
-    its own ``LocalTrainer`` does (the same keys: a different key would change the dropout
-    masks and so the parameters)."""
+@pytest.fixture(scope="module")
+def each_client_alone():
+    """Two clients of a BatchNorm + Dropout model, and where each client's own ``LocalTrainer``
+    leaves it after two epochs: what both kinds of cohort lanes below must reproduce, trained
+    (and compiled) once for both."""
     from fdjax.data.sources import load_synthetic
-    from fdjax.runtime.compiled import ClientPool, CohortTrainer, LocalTrainer
+    from fdjax.runtime.compiled import LocalTrainer
 
-    model = ModelSpec(resnet6, (8, 8, 1), 4).build()
-    optimizer, batch, sizes = make_optimizer(), 16, [5, 40]
+    model = ModelSpec(stem_resnet(4), (8, 8, 1), 4).build()
+    sizes = [5, 40]
     data = load_synthetic(sum(sizes), (8, 8, 1), 4, seed=2).arrays()
     clients = [{k: v[:5] for k, v in data.items()}, {k: v[5:] for k, v in data.items()}]
     keys = jax.random.split(jax.random.key(5), 2)
     params = model.init(jax.random.key(0))
-    trainer = CohortTrainer(model, optimizer, batch, driver="loop", lanes=lanes, max_lanes=2)
-    trained, _ = trainer.train(params, ClientPool.from_datasets(clients), [0, 1], keys,
-                               version=3, epochs=2)
-    alone = LocalTrainer(model, optimizer, batch, driver="loop")
+    alone = LocalTrainer(model, make_optimizer(), batch_size=16, driver="loop")
+    trained = []
     for client in (0, 1):
         state = alone.init(params)
         for epoch in range(2):
             key = jax.random.fold_in(jax.random.fold_in(keys[client], 3), epoch)
             state, _ = alone.epoch(state, jax.device_put(clients[client]), key)
+        trained.append(state.params)
+    return model, clients, keys, params, trained
+
+
+@pytest.mark.parametrize("lanes", ["vmap", "sequential"])
+def test_a_cohort_trains_a_batchnorm_dropout_model_as_each_client_alone(lanes, each_client_alone):
+    """Cohort lanes carry each client's running statistics and draw its dropout keys exactly as
+    its own ``LocalTrainer`` does (the same keys: a different key would change the dropout
+    masks and so the parameters)."""
+    from fdjax.runtime.compiled import ClientPool, CohortTrainer
+
+    model, clients, keys, params, alone = each_client_alone
+    trainer = CohortTrainer(model, make_optimizer(), 16, driver="loop", lanes=lanes, max_lanes=2)
+    trained, _ = trainer.train(params, ClientPool.from_datasets(clients), [0, 1], keys,
+                               version=3, epochs=2)
+    for client in (0, 1):
         assert set(trained[client]) == {"params", "batch_stats"}
         for got, want in zip(jax.tree_util.tree_leaves(trained[client]),
-                             jax.tree_util.tree_leaves(state.params)):
+                             jax.tree_util.tree_leaves(alone[client])):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
         moved = jax.tree_util.tree_leaves(trained[client]["batch_stats"])
         assert any(np.abs(a - b).max() > 1e-4 for a, b in

@@ -47,18 +47,33 @@ def test_cohort_chunks_bucket_steps_and_never_pad_a_lane():
     assert sorted(len(c) for c in chunks if steps[c[0]] == 1) == [2, 4]
 
 
-@pytest.mark.parametrize("lanes", ["vmap", "sequential"])
-def test_cohort_trainer_equals_local_training_and_compiles_each_shape_once(lanes, traces):
+@pytest.fixture(scope="module")
+def four_clients():
+    """Four clients of a small CNN (1, 1, 3 and 3 steps an epoch at batch 16), and where
+    ``Client.train``'s ``LocalTrainer`` leaves the third after two epochs: what both kinds of
+    cohort lanes below must reproduce, trained (and compiled) once for both."""
     model = make_model("cnn6", input_shape=(8, 8, 1), num_classes=4, width=0.25)
-    optimizer, batch = make_optimizer(), 16
-    sizes = [5, 12, 40, 40]  # 1, 1, 3 and 3 steps: two calls of two clients, buckets 1 and 4
+    sizes = [5, 12, 40, 40]
     data = load_synthetic(sum(sizes), (8, 8, 1), 4, seed=2).arrays()
     edges = np.cumsum([0] + sizes)
     clients = [{k: v[a:b] for k, v in data.items()} for a, b in zip(edges, edges[1:])]
-    pool = ClientPool.from_datasets(clients)
     keys = jax.random.split(jax.random.key(5), len(sizes))
     params = model.init(jax.random.key(0))
-    trainer = CohortTrainer(model, optimizer, batch, driver="loop", lanes=lanes, max_lanes=2)
+    alone = LocalTrainer(model, make_optimizer(), batch_size=16, driver="loop")
+    state = alone.init(params)
+    for epoch in range(2):
+        key = jax.random.fold_in(jax.random.fold_in(keys[2], 3), epoch)
+        state, _ = alone.epoch(state, jax.device_put(clients[2]), key)
+    return model, sizes, clients, keys, params, state.params
+
+
+@pytest.mark.parametrize("lanes", ["vmap", "sequential"])
+def test_cohort_trainer_equals_local_training_and_compiles_each_shape_once(lanes, traces,
+                                                                            four_clients):
+    model, sizes, clients, keys, params, third_alone = four_clients
+    pool = ClientPool.from_datasets(clients)  # two calls of two clients, buckets 1 and 4
+    trainer = CohortTrainer(model, make_optimizer(), 16, driver="loop", lanes=lanes,
+                            max_lanes=2)
     trained, metrics = trainer.train(params, pool, [0, 1, 2, 3], keys, version=3, epochs=2)
     assert [int(m["count"]) for m in metrics] == [2 * n for n in sizes]
     first = dict(traces)
@@ -72,13 +87,8 @@ def test_cohort_trainer_equals_local_training_and_compiles_each_shape_once(lanes
                              jax.tree_util.tree_leaves(trained[client])):
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
     # and where Client.train's LocalTrainer epochs with the same keys leave it
-    alone = LocalTrainer(model, optimizer, batch, driver="loop")
-    state = alone.init(params)
-    for epoch in range(2):
-        key = jax.random.fold_in(jax.random.fold_in(keys[2], 3), epoch)
-        state, _ = alone.epoch(state, jax.device_put(clients[2]), key)
     for got, want in zip(jax.tree_util.tree_leaves(trained[2]),
-                         jax.tree_util.tree_leaves(state.params)):
+                         jax.tree_util.tree_leaves(third_alone)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 

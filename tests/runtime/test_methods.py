@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from fdjax.config import load_config
@@ -32,16 +34,23 @@ def events(result, event: str, node: str | None = None):
     return [e for e in result.events if e["event"] == event and (node is None or e["node"] == node)]
 
 
-def test_same_seed_and_config_give_identical_metrics():
-    a, b = (run(tiny("async-continuous")) for _ in range(2))
+@pytest.fixture(scope="module")
+def plain():
+    """``plain(method)``: ``run(tiny(method))``, run once in this module. Several tests check
+    different properties of the same run, which a second run repeats exactly (the first test)."""
+    return functools.cache(lambda method: run(tiny(method)))
+
+
+def test_same_seed_and_config_give_identical_metrics(plain):
+    a, b = plain("async-continuous"), run(tiny("async-continuous"))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
     assert strip(a.rows) == strip(b.rows) and len(a.rows) >= 4
     assert a.events == b.events
 
 
 @pytest.mark.parametrize("method", ["sync", "sync-fwd"])
-def test_in_sync_methods_clients_are_idle_while_a_server_distils(method):
-    result = run(tiny(method))
+def test_in_sync_methods_clients_are_idle_while_a_server_distils(method, plain):
+    result = plain(method)
     distilling = intervals(result, "distillation")
     assert distilling and result.nodes["client0"]["idle"] > 0
     for client in ("client0", "client1", "client2"):
@@ -49,8 +58,8 @@ def test_in_sync_methods_clients_are_idle_while_a_server_distils(method):
 
 
 @pytest.mark.parametrize("method", ["async-round", "async-continuous"])
-def test_in_async_methods_distillation_causes_no_client_idle_time(method):
-    cheap = run(tiny(method, "distill.steps_per_chunk=1"))
+def test_in_async_methods_distillation_causes_no_client_idle_time(method, plain):
+    cheap = plain(method)  # TINY's 2 steps a chunk
     costly = run(tiny(method, "distill.steps_per_chunk=30"))
     assert sum(costly.nodes["distillation"]["busy"] for _ in [0]) > 0
     for client in ("client0", "client1", "client2"):
@@ -60,8 +69,8 @@ def test_in_async_methods_distillation_causes_no_client_idle_time(method):
     assert overlaps(intervals(costly, "client0"), intervals(costly, "distillation"))
 
 
-def test_async_continuous_never_waits_for_a_new_average_after_the_first():
-    result = run(tiny("async-continuous"))
+def test_async_continuous_never_waits_for_a_new_average_after_the_first(plain):
+    result = plain("async-continuous")
     chunks = intervals(result, "distillation")
     assert len(chunks) > 5
     for (_, end), (start, _) in zip(chunks, chunks[1:]):
@@ -81,30 +90,31 @@ def test_async_round_distils_each_average_at_most_once_and_always_the_newest():
     assert len(used) < rounds  # some averages were skipped, never queued
 
 
-def test_sync_fwd_runs_forward_distillation_every_round():
-    result = run(tiny("sync-fwd"))
+def test_sync_fwd_runs_forward_distillation_every_round(plain):
+    result = plain("sync-fwd")
     order = [e["event"] for e in result.events
              if e["event"] in ("forward", "round_end", "reverse")]
     rounds = order.count("round_end")
     assert rounds >= 2
     assert order[:4] == ["forward", "round_end", "reverse", "forward"]
     assert order.count("forward") >= rounds
-    plain = run(tiny("sync"))
-    assert not events(plain, "forward")
+    assert not events(plain("sync"), "forward")
 
 
 def test_two_client_sync_schedule_matches_a_hand_computed_one():
     latency, c_client, c_server = 0.5, 0.01, 0.002
-    cfg = tiny("sync", "clients.count=2", "clients.speeds=[1.0, 0.5]", "data.limit=148",
+    # TINY's 64 examples a client and 2 distillation steps a chunk: the shapes of the programs
+    # that the other runs here compiled
+    cfg = tiny("sync", "clients.count=2", "clients.speeds=[1.0, 0.5]", "data.limit=176",
                "data.proxy_size=48", f"cost.latency={latency}", "cost.bandwidth=1e15",
                f"cost.client_seconds_per_example={c_client}",
-               f"cost.server_seconds_per_example={c_server}", "distill.steps_per_chunk=3",
-               "stop.time_budget=100", "stop.max_rounds=2")
+               f"cost.server_seconds_per_example={c_server}", "stop.time_budget=100",
+               "stop.max_rounds=2")
     result = run(cfg)
-    sizes = [50, 50]  # 148 - 48 proxy examples, split in two
-    train = [c_client * n / s for n, s in zip(sizes, [1.0, 0.5])]  # 0.5 s and 1.0 s
+    sizes = [64, 64]  # 176 - 48 proxy examples, split in two
+    train = [c_client * n / s for n, s in zip(sizes, [1.0, 0.5])]  # 0.64 s and 1.28 s
     fedavg = c_server * 2
-    reverse = c_server * 3 * 16
+    reverse = c_server * 2 * 16
     starts = {(e["node"], e["version"]): e["time"] for e in events(result, "train_start")}
     ends = [e["time"] for e in events(result, "round_end", "averaging")]
     # t=0 the distillation server hands out the model; it reaches the averaging server at L,
@@ -131,10 +141,10 @@ def test_two_nodes_on_one_device_never_overlap():
         assert start >= end - 1e-9
 
 
-def test_a_real_clock_run_finishes_and_overlaps_training_with_distillation():
+def test_a_real_clock_run_finishes_and_overlaps_training_with_distillation(plain):
     # The same programs compiled first (a virtual-clock run shares them): on a loaded machine
     # compiling the distillation step alone could outlast the real run's 8 s before any chunk.
-    run(tiny("async-continuous"))
+    plain("async-continuous")
     result = run(tiny("async-continuous", "clock=real", "stop.time_budget=8",
                       "stop.eval_interval=2"))
     assert result.rows[-1]["time"] == pytest.approx(8, abs=3)
