@@ -82,6 +82,41 @@ def pytest_xdist_make_scheduler(config, log):
     return ByModule(config, log)
 
 
+#: Modules whose tests compile more than they compute run with XLA's optimisations off
+#: (``jax_disable_most_optimizations``: LLVM at -O0, as the GPU script's smoke run), and so do the
+#: subprocesses and Ray actors they start, which read it from the environment. Chosen module by
+#: module, from each module's CPU time run alone both ways (README, Tests); the other modules
+#: train more than they compile, which -O0 makes slower, and keep XLA's default. What these
+#: tests check (results, files, schedules, equalities between two ways of computing) does not
+#: depend on how hard XLA optimises; the rest of the suite runs the default programs.
+QUICK_COMPILE = ("test_layers", "test_distillation", "test_models", "test_augment",
+                 "test_robust_aggregation", "test_flower_oracle", "test_aggregation",
+                 "test_cohort")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_compile_modules(request):
+    """XLA's optimisations off for a module of ``QUICK_COMPILE``, and back on after it.
+
+    The programs it compiled are dropped from JAX's in-memory caches when it ends, so a later
+    module on the same worker compiles its own (or loads them from the suite's cache) at the
+    default level instead of reusing a slower -O0 program."""
+    if request.module.__name__.rsplit(".", 1)[-1] not in QUICK_COMPILE:
+        yield
+        return
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+        jax.config.update("jax_disable_most_optimizations", True)
+        try:
+            yield
+        finally:
+            jax.config.update("jax_disable_most_optimizations", before)
+            jax.clear_caches()
+
+
 def pytest_unconfigure(config):
     """The process that made the suite's compilation cache deletes it (see the top)."""
     if _MADE_CACHE:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -291,3 +293,10 @@ def test_streaming_is_as_accurate_as_batch(case):
     trees, weights, _ = case
     state = streamed(trees, weights)
     assert_within_ulps(agg.streaming_result(state, like=trees[0]), trees, weights)
+
+
+def test_this_module_compiles_with_xlas_optimisations_off():
+    """``tests/conftest.py`` lists this module in ``QUICK_COMPILE``: its programs, and those of
+    any process it starts, are compiled with XLA's optimisations off."""
+    assert jax.config.read("jax_disable_most_optimizations")
+    assert os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
