@@ -89,9 +89,8 @@ def pytest_xdist_make_scheduler(config, log):
 #: train more than they compile, which -O0 makes slower, and keep XLA's default. What these
 #: tests check (results, files, schedules, equalities between two ways of computing) does not
 #: depend on how hard XLA optimises; the rest of the suite runs the default programs.
-QUICK_COMPILE = ("test_layers", "test_distillation", "test_models", "test_augment",
-                 "test_robust_aggregation", "test_flower_oracle", "test_aggregation",
-                 "test_cohort")
+QUICK_COMPILE = ("test_layers", "test_models", "test_augment", "test_robust_aggregation",
+                 "test_flower_oracle", "test_aggregation", "test_cohort")
 
 
 @pytest.fixture(autouse=True, scope="module")
