@@ -90,7 +90,7 @@ def pytest_xdist_make_scheduler(config, log):
 #: tests check (results, files, schedules, equalities between two ways of computing) does not
 #: depend on how hard XLA optimises; the rest of the suite runs the default programs.
 QUICK_COMPILE = ("test_layers", "test_models", "test_augment", "test_robust_aggregation",
-                 "test_flower_oracle", "test_aggregation", "test_cohort")
+                 "test_flower_oracle", "test_aggregation", "test_cohort", "test_cohort_sharding")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -28,13 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 @functools.lru_cache(maxsize=None)
 def four_devices(checks: str) -> dict:
     """``sharded_cohort_check``'s report for ``checks``, from a process with four devices."""
-    # LLVM at -O0: these checks compare a sharded cohort with an unsharded one compiled the
-    # same way, on models of a few thousand parameters, so their time is XLA compiling about
-    # 60 programs; -O0 took this module from 117 s to 87 s on a quiet 2-core machine, and what
-    # is checked (placement, calls, traces, equal results and schedule) does not depend on it.
+    # XLA's optimisations are off here (QUICK_COMPILE in tests/conftest.py puts them off in the
+    # environment this process inherits): these checks compare a sharded cohort with an
+    # unsharded one compiled the same way, on models of a few thousand parameters, so their
+    # time is XLA compiling about 60 programs.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4",
-         "--xla_backend_optimization_level=0"]).strip())
+        [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip())
     done = subprocess.run([sys.executable, "-m", "tests.runtime.sharded_cohort_check", checks],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
