@@ -559,6 +559,7 @@ def _result(parts: _Components, state: RunState, rundir: RunDirectory | None, wa
               "checkpoint_seconds": sum(saves)}
     if deployment is not None:  # placing the actors and compiling in them, before the clock
         timing["ray_start_seconds"] = deployment.start_seconds
+        timing["ray_actors_reused"] = len(deployment.reused)  # taken from a pool (compare)
     if clock.calibrated:
         timing["calibrated_seconds_per_call"] = dict(sorted(clock.calibrated.items()))
     return Run(parts.config, state.rows, nodes, list(distiller.staleness) if distiller else [],
@@ -644,16 +645,22 @@ def _deployment(config: Config):
     num_cpus = r.num_cpus
     if r.address is None and num_cpus is None:
         num_cpus = rb.local_cpus(r.server_cpus, r.client_cpus, config.clients.count)
-    return rb.Deployment(r.address, num_cpus, r.num_gpus, *roles, r.start_timeout)
+    return rb.Deployment(r.address, num_cpus, r.num_gpus, *roles, r.start_timeout,
+                         pool=rb.current_pool())
 
 
+@contextlib.contextmanager
 def _ray_session(config: Config):
-    """One Ray connection for several runs (a comparison), or nothing in-process."""
+    """One Ray connection for several runs (a comparison), and one pool of actors that they
+    reuse (``ray_backend.reuse_actors``: each node's actor starts once, not once per run), or
+    nothing in-process."""
     if config.backend != "ray":
-        return contextlib.nullcontext()
-    deployment = _deployment(config)
-    return _ray_backend().session(deployment.address, deployment.num_cpus,
-                                  deployment.num_gpus)
+        yield
+        return
+    rb, deployment = _ray_backend(), _deployment(config)
+    with rb.session(deployment.address, deployment.num_cpus, deployment.num_gpus), \
+            rb.reuse_actors():
+        yield
 
 
 def _open_run_dir(out_dir: str | Path | None, config: Config, resume: bool,
@@ -803,7 +810,7 @@ def compare(config: Config, methods: Sequence[str], seeds: int = 1,
     if cdir is not None:
         cdir.open(record, resume=resume, overwrite=overwrite)
     try:
-        with _ray_session(config):  # one Ray instance for every run of the comparison
+        with _ray_session(config):  # one Ray instance and one set of actors for every run
             runs, origins = _compare_runs(config, methods, seeds, cdir, record, on_row, resume,
                                           data, models)
         comparison = Comparison(config, runs, report_target(config, target),

@@ -24,6 +24,12 @@ evaluations, which charge no node. The alternative, each node's whole loop insid
 would need the channels rebuilt on Ray (the mailbox and register are asyncio objects) and a
 second copy of the protocol wiring; this shape keeps one.
 
+**Actors reused across runs.** A run without a pool starts its actors and kills them when it
+ends. Within ``reuse_actors`` (``fdjax compare`` opens one for its runs) a run takes each
+node's actor from an ``ActorPool`` and gives it back alive: actors are stateless between calls,
+so a later run only loads its own programs and data into it (``NodeWorker.load``), and skips
+the new process, its imports (JAX, Flax, fdjax) and Ray's placement.
+
 **JAX in actors.** Each actor sets its JAX environment through ``runtime_env["env_vars"]``
 before JAX starts: CPU-only actors ``JAX_PLATFORMS=cpu`` (no probing for accelerators); GPU
 actors ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (allocate as needed instead of 75% of the GPU at
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -91,10 +98,22 @@ class NodeWorker:
         data: the node's examples or proxy set (numpy arrays), put on the actor's device once.
     """
 
-    def __init__(self, programs: Mapping[str, Callable[[], Any]],
-                 data: Mapping[str, np.ndarray] | None):
+    def __init__(self, programs: Mapping[str, Callable[[], Any]] | None = None,
+                 data: Mapping[str, np.ndarray] | None = None):
+        self.programs, self.data = {}, None
+        self.load(programs or {}, data)
+
+    def load(self, programs: Mapping[str, Callable[[], Any]],
+             data: Mapping[str, np.ndarray] | None) -> None:
+        """Replaces the node's programs and data: a reused actor (``ActorPool``) takes a new
+        run's. The previous run's are dropped first, so both are never held at once."""
+        self.programs, self.data = {}, None
         self.programs = {name: build() for name, build in programs.items()}
         self.data = as_device_data(data) if data is not None else None
+
+    def holds(self) -> list[str]:
+        """The names of the programs the actor holds (a reused actor: its latest run's)."""
+        return sorted(self.programs)
 
     def warm_up(self, calls: list[tuple[str, tuple]]) -> None:
         """Runs each ``(method, args)`` once and drops the result: compiles the node's programs
@@ -230,8 +249,10 @@ class RayClock(Clock):
     """The real clock, where a computation is an actor call: its ``ObjectRef`` is awaited on
     the event loop (no thread per waiting node), so any number of nodes wait at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, lost: set[str] | None = None) -> None:
         super().__init__(virtual=False)
+        #: the nodes whose actor was found gone (their deployment gives them to no later run)
+        self.lost = lost if lost is not None else set()
 
     async def run_real(self, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -240,6 +261,7 @@ class RayClock(Clock):
             try:
                 result = await result.ref
             except ray.exceptions.RayActorError as err:
+                self.lost.add(result.node)
                 raise ActorLost(f"the Ray actor of {result.node} is gone ({type(err).__name__}: "
                                 f"killed, or its process or machine was lost)") from None
         else:  # a computation the driver runs itself
@@ -280,25 +302,133 @@ class RayExecutor:
                                                    key_data(key)), self.node)
 
 
-class Deployment:
-    """The actors of one run: starts them, waits until every one is placed, kills them after.
+class ActorPool:
+    """Node actors kept alive from one run to the next, within one Ray session.
 
-    Actors are named ``fdjax/<run tag>/<node>`` (``ray list actors`` shows which is which).
+    Why: a new actor is a new Python process that imports JAX, Flax and fdjax (4 to 5 s of CPU
+    each on a 2-core machine) and waits for Ray to place it, and a small run may compute for
+    less time than its five actors take to start. A comparison runs several methods with the
+    same nodes and roles, so ``fdjax compare`` holds one pool for all its runs (see
+    ``reuse_actors``): a run takes each node's actor from the pool, where one of the same role
+    waits, loads its own programs and data into it (``NodeWorker.load``; actors are stateless
+    between calls, so nothing else carries over) and gives it back when it ends. The pool kills
+    every actor when it closes and waits until Ray holds them dead, as a run without a pool does.
+
+    An actor that was lost during a run (killed, its process or machine gone) is not given back:
+    the next run starts a new one for that node. Idle actors a run does not take (a run with
+    fewer clients, or a node whose role asks for other resources) are killed when that run
+    starts, so they hold nothing it needs.
+    """
+
+    def __init__(self) -> None:
+        #: node -> (its role, the idle actor, the actor's name)
+        self.idle: dict[str, tuple[Role, Any, str]] = {}
+        #: actors started for the pool's runs, and actors a run took from the pool
+        self.started = 0
+        self.reused = 0
+
+    def take(self, node: str, role: Role) -> tuple[Any, str] | None:
+        """The idle actor of ``node`` if it has ``role``; None (and the actor retired) if not."""
+        held = self.idle.pop(node, None)
+        if held is None:
+            return None
+        if held[0] != role:
+            _kill([held[1]], [held[2]])
+            return None
+        self.reused += 1
+        return held[1], held[2]
+
+    def give_back(self, node: str, role: Role, actor: Any, name: str) -> None:
+        self.idle[node] = (role, actor, name)
+
+    def retire_idle(self) -> None:
+        """Kills every idle actor (waiting until Ray holds them dead)."""
+        held, self.idle = list(self.idle.values()), {}
+        if held:
+            _kill([actor for _, actor, _ in held], [name for _, _, name in held])
+
+    def close(self) -> None:
+        if ray.is_initialized():
+            self.retire_idle()
+        self.idle.clear()
+
+
+_POOL: contextvars.ContextVar[ActorPool | None] = contextvars.ContextVar("fdjax_actor_pool",
+                                                                           default=None)
+
+
+@contextlib.contextmanager
+def reuse_actors() -> Iterator[ActorPool]:
+    """Within the block, runs on Ray reuse one another's actors (``ActorPool``).
+
+    The runs must share one Ray session that outlives them (``fdjax compare`` opens both; from
+    Python, ``ray.init()`` or ``session`` first): a run that starts and stops its own Ray
+    instance takes its actors down with it, so it kills them as it would without a pool.
+    Re-entrant: an inner block uses the outer block's pool. Every actor is killed when the
+    outermost block ends.
+    """
+    pool = _POOL.get()
+    if pool is not None:
+        yield pool
+        return
+    pool = ActorPool()
+    token = _POOL.set(pool)
+    try:
+        yield pool
+    finally:
+        _POOL.reset(token)
+        pool.close()
+
+
+def current_pool() -> ActorPool | None:
+    """The pool of the innermost ``reuse_actors`` block, or None."""
+    return _POOL.get()
+
+
+def _kill(actors: list[Any], names: list[str]) -> None:
+    """Kills ``actors`` and waits until Ray no longer lists ``names`` (``_wait_dead``)."""
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+    if names:
+        _wait_dead(names)
+
+
+class Deployment:
+    """The actors of one run: starts them (or takes them from a pool), waits until every one is
+    placed, and kills them after (or gives them back to the pool).
+
+    Actors are named ``fdjax/<tag>/<node>`` (``ray list actors`` shows which is which), with the
+    tag of the run that started them; a pooled actor keeps its name in later runs.
 
     Args:
         address, num_cpus, num_gpus: as for ``session``; the session is opened by ``open`` and
             closed by ``close`` (a no-op where Ray was already connected).
         server, client: what each actor of the role asks for.
         start_timeout: seconds to wait for every actor to be placed and started.
+        pool: an ``ActorPool`` to take actors from and give them back to; it is used only when
+            Ray was already connected at ``open`` (the session outlives the run).
     """
 
     def __init__(self, address: str | None, num_cpus: int | None, num_gpus: int | None,
-                 server: Role, client: Role, start_timeout: float):
+                 server: Role, client: Role, start_timeout: float,
+                 pool: ActorPool | None = None):
         self.address, self.num_cpus, self.num_gpus = address, num_cpus, num_gpus
         self.roles = {"server": server, "client": client}
         self.start_timeout = start_timeout
+        self.pool = pool
         self.tag = uuid.uuid4().hex[:8]
         self.actors: dict[str, Any] = {}
+        #: node -> its actor's name, and the role it was started with
+        self.names: dict[str, str] = {}
+        self.node_roles: dict[str, Role] = {}
+        #: node -> its ``load`` call (programs built, data on the device)
+        self.loads: dict[str, Any] = {}
+        #: nodes whose actor was found gone during the run (``RayClock.lost``)
+        self.lost: set[str] = set()
+        #: nodes whose actor came from the pool
+        self.reused: set[str] = set()
+        self._args: dict[str, tuple[str, Mapping[str, Callable[[], Any]], Any]] = {}
         #: node -> the warm-up calls its actor makes once placed (see ``wait_started``)
         self.warm_ups: dict[str, list[tuple[str, tuple]]] = {}
         #: wall seconds from the first actor's start until every actor was placed and warm
@@ -307,10 +437,12 @@ class Deployment:
         self._stack = contextlib.ExitStack()
 
     def open(self) -> None:
+        if not ray.is_initialized():
+            self.pool = None  # this run's session ends with it, and so would pooled actors
         self._stack.enter_context(session(self.address, self.num_cpus, self.num_gpus))
 
     def clock(self) -> RayClock:
-        return RayClock()
+        return RayClock(self.lost)
 
     def start(self, node: str, role: str, programs: Mapping[str, Callable[[], Any]],
               data: Mapping[str, np.ndarray] | None, warm_up: list[tuple[str, tuple]] = ()
@@ -319,9 +451,19 @@ class Deployment:
         ``wait_started``)."""
         if self._started_at is None:
             self._started_at = time.perf_counter()
-        actor = ray.remote(NodeWorker).options(
-            **self.roles[role].options(f"fdjax/{self.tag}/{node}")).remote(programs, data)
-        self.actors[node] = actor
+        spec = self.roles[role]
+        taken = self.pool.take(node, spec) if self.pool is not None else None
+        if taken is not None:
+            actor, name = taken
+            self.reused.add(node)
+        else:
+            name = f"fdjax/{self.tag}/{node}"
+            actor = ray.remote(NodeWorker).options(**spec.options(name)).remote()
+            if self.pool is not None:
+                self.pool.started += 1
+        self.loads[node] = actor.load.remote(programs, data)
+        self.actors[node], self.names[node], self.node_roles[node] = actor, name, spec
+        self._args[node] = (role, programs, data)
         self.warm_ups[node] = list(warm_up)
         return actor
 
@@ -364,6 +506,9 @@ class Deployment:
             ValueError: naming the actors Ray could not place within ``start_timeout`` (the
                 cluster lacks what their role asks for) or that failed to start.
         """
+        if self.pool is not None:  # what this run did not take would hold resources it needs
+            self.pool.retire_idle()
+        self._replace_dead_reused()
         refs = {node: actor.where.remote() for node, actor in self.actors.items()}
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs),
                               timeout=self.start_timeout)
@@ -376,6 +521,7 @@ class Deployment:
                              f"({ray.cluster_resources()}) lacks what their role asks for "
                              f"(per actor: {asks}); see the [ray] settings")
         try:
+            ray.get(list(self.loads.values()))
             where = {node: ray.get(ref) for node, ref in refs.items()}
             ray.get([self.actors[node].warm_up.remote(calls)
                      for node, calls in self.warm_ups.items() if calls])
@@ -385,50 +531,75 @@ class Deployment:
             raise ValueError(f"a Ray actor failed to start: {' '.join(str(err).split())[:500]}"
                              ) from None
 
+    def _replace_dead_reused(self) -> None:
+        """Starts a new actor for each node whose pooled actor died after its last run ended
+        (a kill Ray's head had not recorded yet when that run gave it back)."""
+        for node in sorted(self.reused):
+            try:
+                ray.get(self.actors[node].where.remote(), timeout=self.start_timeout)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                _kill([self.actors[node]], [self.names[node]])
+                self.reused.discard(node)
+                role, programs, data = self._args[node]
+                name = f"fdjax/{self.tag}/{node}"
+                self.actors[node] = ray.remote(NodeWorker).options(
+                    **self.roles[role].options(name)).remote()
+                self.names[node] = name
+                self.loads[node] = self.actors[node].load.remote(programs, data)
+
     def close(self) -> None:
         """Kills every actor of the run, waits until Ray has them dead, and leaves the session
-        (stopping a Ray fdjax started); so a run returns only once its actors are gone."""
+        (stopping a Ray fdjax started); so a run returns only once its actors are gone.
+
+        With a pool, the actors that are still alive (listed by Ray, and none of the run's
+        calls found them gone) go back to it instead; the others are killed as above."""
         try:
-            for actor in self.actors.values():
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
-            if self.actors:
-                self._wait_dead([f"fdjax/{self.tag}/{node}" for node in self.actors])
+            keep: set[str] = set()
+            if self.pool is not None and self.actors:
+                listed = set(ray.util.list_named_actors())
+                keep = {node for node in self.actors
+                        if node not in self.lost and self.names[node] in listed}
+                for node in keep:
+                    self.pool.give_back(node, self.node_roles[node], self.actors[node],
+                                        self.names[node])
+            doomed = [node for node in self.actors if node not in keep]
+            _kill([self.actors[node] for node in doomed], [self.names[node] for node in doomed])
             self.actors.clear()
         finally:
             self._stack.close()
 
-    def _wait_dead(self, names: list[str], seconds: float = 30.0) -> None:
-        """Waits until none of the actors ``names`` is registered with Ray any more.
 
-        The cause this cures: ``ray.kill`` only sends the request. The driver's core worker
-        hands it to the GCS (Ray's head) without waiting for the reply (``CoreWorker::
-        KillActor`` calls ``AsyncKillActor`` with no callback), so the actor is still ALIVE,
-        and listed, until the GCS gets to it; a query sent right after may be served first.
-        A run that returned straight after ``ray.kill`` could leave live actors on the
-        cluster for a while (the flake: ``['fdjax/<tag>/client0']`` still listed by the
-        test's ``list_named_actors`` after a run, on a loaded machine). The GCS marks a
-        killed actor DEAD and releases its name in one step (``GcsActorManager::
-        DestroyActor``, before it replies), so once ``ray.util.list_named_actors`` (a query
-        to the GCS, public API) no longer lists an actor's name, Ray holds that actor dead.
-        Logs the ones still listed after ``seconds`` (a lost head, say) rather than hanging.
-        """
-        deadline, pause = time.monotonic() + seconds, 0.01
-        left = set(names)
-        while True:
-            try:
-                left &= set(ray.util.list_named_actors())
-            except Exception as err:  # the cluster is gone: so are its actors
-                _logger.warning("cannot check that the run's actors ended: %s", err)
-                return
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(pause)  # poll the GCS, not a fixed wait: the loop ends on the state
-            pause = min(2 * pause, 0.2)
-        if left:
-            _logger.warning(
-                "Ray still lists these actors %g s after ray.kill: %s", seconds,
-                ", ".join(sorted(left)))
+def _wait_dead(names: list[str], seconds: float = 30.0) -> None:
+    """Waits until none of the actors ``names`` is registered with Ray any more.
+
+    The cause this cures: ``ray.kill`` only sends the request. The driver's core worker
+    hands it to the GCS (Ray's head) without waiting for the reply (``CoreWorker::
+    KillActor`` calls ``AsyncKillActor`` with no callback), so the actor is still ALIVE,
+    and listed, until the GCS gets to it; a query sent right after may be served first.
+    A run that returned straight after ``ray.kill`` could leave live actors on the
+    cluster for a while (the flake: ``['fdjax/<tag>/client0']`` still listed by the
+    test's ``list_named_actors`` after a run, on a loaded machine). The GCS marks a
+    killed actor DEAD and releases its name in one step (``GcsActorManager::
+    DestroyActor``, before it replies), so once ``ray.util.list_named_actors`` (a query
+    to the GCS, public API) no longer lists an actor's name, Ray holds that actor dead.
+    Logs the ones still listed after ``seconds`` (a lost head, say) rather than hanging.
+    """
+    deadline, pause = time.monotonic() + seconds, 0.01
+    left = set(names)
+    while True:
+        try:
+            left &= set(ray.util.list_named_actors())
+        except Exception as err:  # the cluster is gone: so are its actors
+            _logger.warning("cannot check that the run's actors ended: %s", err)
+            return
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(pause)  # poll the GCS, not a fixed wait: the loop ends on the state
+        pause = min(2 * pause, 0.2)
+    if left:
+        _logger.warning(
+            "Ray still lists these actors %g s after ray.kill: %s", seconds,
+            ", ".join(sorted(left)))
 
 
 def local_cpus(server_cpus: float, client_cpus: float, clients: int) -> int:

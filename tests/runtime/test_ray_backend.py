@@ -181,6 +181,12 @@ def test_compare_on_ray_starts_its_own_instance_and_leaves_nothing_behind(tmp_pa
     for method in ("sync", "async-continuous"):
         rows = check_run_directory(out / method / "seed0", method)
         assert improved(rows), (method, rows[0], rows[-1])
+    # the second run reused the first one's actors, each node's own (``reuse_actors``)
+    first, second = (json.loads((out / m / "seed0" / "nodes.json").read_text())
+                     for m in ("sync", "async-continuous"))
+    assert {n: p["pid"] for n, p in first["placement"].items()} == \
+        {n: p["pid"] for n, p in second["placement"].items()}
+    assert (first["timing"]["ray_actors_reused"], second["timing"]["ray_actors_reused"]) == (0, 5)
     assert json.loads((out / "results.json").read_text())
     # fdjax stopped the instance it started: no daemon or actor process is left
     assert not ray.is_initialized()
@@ -199,6 +205,28 @@ def ray_instance():
         assert wait_gone(started) == [], "Ray processes left behind"
 
 
+@pytest.fixture(scope="module")
+def pool(ray_instance):
+    """One pool of actors for the module's runs (as a comparison holds one): each node's actor
+    starts once and is reused by the runs after, except where a test killed it. Every actor is
+    gone once the pool closes."""
+    from fdjax.runtime.ray_backend import current_pool, reuse_actors
+
+    with reuse_actors() as actors:
+        yield actors
+        # the tests' runs found it as experiment.run does, and it did not leak past the block
+        assert current_pool() is actors
+    assert current_pool() is None and fdjax_actors() == []
+
+
+def pooled_only(pool, lost: str | None = None) -> None:
+    """After a pooled run: every fdjax actor still alive is one the pool holds idle, each
+    node's own; the actor of ``lost`` (killed during the run) is neither alive nor held."""
+    held = {name for _, _, name in pool.idle.values()}
+    assert set(fdjax_actors()) == held
+    assert set(pool.idle) == NODES - ({lost} if lost else set())
+
+
 def test_a_run_returns_only_once_ray_holds_its_actors_dead(ray_instance, monkeypatch):
     """``ray.kill`` returns before Ray's head has the actor dead (the request is sent, not
     waited for); ``Deployment.close`` waits until it has. Here each kill reaches the head half
@@ -213,7 +241,7 @@ def test_a_run_returns_only_once_ray_holds_its_actors_dead(ray_instance, monkeyp
     for node in ("client0", "averaging"):
         deployment.start(node, "client", {}, None)
     deployment.wait_started()
-    assert len(fdjax_actors()) == 2
+    assert len([a for a in fdjax_actors() if f"/{deployment.tag}/" in a]) == 2
     real_kill, timers = ray.kill, []
 
     def late_kill(actor, **kwargs):
@@ -222,7 +250,56 @@ def test_a_run_returns_only_once_ray_holds_its_actors_dead(ray_instance, monkeyp
 
     monkeypatch.setattr(ray, "kill", late_kill)
     deployment.close()
-    assert len(timers) == 2 and fdjax_actors() == []
+    assert len(timers) == 2 and not [a for a in fdjax_actors() if f"/{deployment.tag}/" in a]
+
+
+def test_a_pool_gives_a_live_actor_to_the_next_run_and_replaces_a_killed_one(ray_instance):
+    """``ActorPool``: after a run, its live actors wait idle for the next run, which loads its
+    own programs into them; one killed during the run is not given back, so the next run
+    starts a new actor for that node. Closing the pool kills the rest."""
+    from fdjax.runtime.ray_backend import ActorPool, Deployment, Role
+
+    role, nodes = Role(0.25, 0, {}), ("client0", "averaging")
+
+    def deploy(pool, programs):
+        deployment = Deployment(None, None, None, role, role, start_timeout=120, pool=pool)
+        for node in nodes:
+            deployment.start(node, "client", programs, None)
+        return deployment, deployment.wait_started()
+
+    pool, names = ActorPool(), set()  # a pool of the test's own, not the module's
+    try:
+        first, where = deploy(pool, {"old": int})
+        names |= set(first.names.values())
+        ray.kill(first.actors["client0"])
+        first.lost.add("client0")  # as the run's RayClock records an actor found gone
+        first.close()
+        assert set(pool.idle) == {"averaging"}
+        assert set(fdjax_actors()) & names == {first.names["averaging"]}
+        second, again = deploy(pool, {"new": int})
+        names |= set(second.names.values())
+        assert second.reused == {"averaging"} and (pool.started, pool.reused) == (2 + 1, 1)
+        assert again["averaging"]["pid"] == where["averaging"]["pid"]
+        assert again["client0"]["pid"] != where["client0"]["pid"]
+        # the reused actor holds the second run's programs, not the first one's
+        assert ray.get(second.actors["averaging"].holds.remote()) == ["new"]
+        second.close()
+        assert set(pool.idle) == set(nodes)
+        assert set(fdjax_actors()) & names == {name for _, _, name in pool.idle.values()}
+        # an idle actor that dies in the pool is replaced when the next run finds it gone
+        ray.kill(pool.idle["averaging"][1])
+        deadline = time.monotonic() + 30  # until Ray's head has it dead (the kill is sent only)
+        while pool.idle["averaging"][2] in fdjax_actors() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        third, last = deploy(pool, {"newer": int})
+        names |= set(third.names.values())
+        assert third.reused == {"client0"} and last["client0"]["pid"] == again["client0"]["pid"]
+        assert last["averaging"]["pid"] != again["averaging"]["pid"]
+        assert ray.get(third.actors["averaging"].holds.remote()) == ["newer"]
+        third.close()
+    finally:
+        pool.close()
+    assert not set(fdjax_actors()) & names
 
 
 def kill_client_once(index: int):
@@ -239,7 +316,7 @@ def kill_client_once(index: int):
     return hook, done
 
 
-def test_a_killed_client_actor_does_not_stop_an_async_run(ray_instance, tmp_path):
+def test_a_killed_client_actor_does_not_stop_an_async_run(pool, tmp_path):
     hook, done = kill_client_once(1)
     result = run(ray_tiny("async-continuous", "aggregation.round_timeout=3"), tmp_path / "run",
                  on_row=hook)
@@ -252,10 +329,10 @@ def test_a_killed_client_actor_does_not_stop_an_async_run(ray_instance, tmp_path
     assert len(later) >= 2 and all(e["clients"] >= 1 for e in later)
     assert improved(result.rows)
     check_run_directory(tmp_path / "run", "async-continuous", lost="client1")
-    assert fdjax_actors() == []  # the run killed its other actors when it ended
+    pooled_only(pool, lost="client1")  # the lost actor was not given back to the pool
 
 
-def test_a_sync_round_goes_on_without_a_killed_client_after_its_timeout(ray_instance):
+def test_a_sync_round_goes_on_without_a_killed_client_after_its_timeout(pool):
     hook, done = kill_client_once(1)
     result = run(ray_tiny("sync", "aggregation.round_timeout=3", "aggregation.quorum=2"),
                  on_row=hook)
@@ -269,10 +346,10 @@ def test_a_sync_round_goes_on_without_a_killed_client_after_its_timeout(ray_inst
     after = [e for e in ends if e["time"] >= timeouts[0]["time"]]
     assert len(after) >= 2 and all(e["clients"] == 2 for e in after)
     assert improved(result.rows)
-    assert fdjax_actors() == []
+    pooled_only(pool, lost="client1")
 
 
-def test_fedbuff_runs_on_ray_with_no_ray_code_of_its_own(ray_instance, tmp_path):
+def test_fedbuff_runs_on_ray_with_no_ray_code_of_its_own(pool, tmp_path):
     """A method that brings its own averaging loop (``fdjax/methods/fedbuff.py``) runs on Ray
     through the nodes' executors: its server step is a ``Program`` sent to the averaging
     server's actor, its clients train in theirs."""
@@ -290,10 +367,10 @@ def test_fedbuff_runs_on_ray_with_no_ray_code_of_its_own(ray_instance, tmp_path)
 
     assert not any(issubclass(cls, (nodes.Client, nodes.AveragingServer,
                                     nodes.DistillationServer)) for cls in node_classes)
-    assert fdjax_actors() == []
+    pooled_only(pool)
 
 
-def test_models_from_import_paths_are_built_in_the_actors(ray_instance, tmp_path):
+def test_models_from_import_paths_are_built_in_the_actors(pool, tmp_path):
     """The ResNets with BatchNorm and Dropout, named by import path: each actor imports the
     factory and builds its own programs; the running statistics come back trained."""
     cfg = ray_tiny("async-continuous", "models.global_model=fdjax.core.resnet:resnet10",
@@ -312,4 +389,4 @@ def test_models_from_import_paths_are_built_in_the_actors(ray_instance, tmp_path
         means = [np.asarray(v) for path, v in stats if jax.tree_util.keystr(path)[-7:-1] ==
                  "'mean'"]
         assert means and all(np.abs(m).max() > 1e-3 for m in means)  # they start at zero
-    assert fdjax_actors() == []
+    pooled_only(pool)
