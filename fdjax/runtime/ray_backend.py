@@ -100,7 +100,6 @@ class NodeWorker:
 
     def __init__(self, programs: Mapping[str, Callable[[], Any]] | None = None,
                  data: Mapping[str, np.ndarray] | None = None):
-        self.programs, self.data = {}, None
         self.load(programs or {}, data)
 
     def load(self, programs: Mapping[str, Callable[[], Any]],
@@ -419,15 +418,15 @@ class Deployment:
         self.pool = pool
         self.tag = uuid.uuid4().hex[:8]
         self.actors: dict[str, Any] = {}
-        #: node -> its actor's name, and the role it was started with
+        #: node -> its actor's name
         self.names: dict[str, str] = {}
-        self.node_roles: dict[str, Role] = {}
         #: node -> its ``load`` call (programs built, data on the device)
         self.loads: dict[str, Any] = {}
         #: nodes whose actor was found gone during the run (``RayClock.lost``)
         self.lost: set[str] = set()
         #: nodes whose actor came from the pool
         self.reused: set[str] = set()
+        #: node -> its role's name, programs and data (``start``'s arguments)
         self._args: dict[str, tuple[str, Mapping[str, Callable[[], Any]], Any]] = {}
         #: node -> the warm-up calls its actor makes once placed (see ``wait_started``)
         self.warm_ups: dict[str, list[tuple[str, tuple]]] = {}
@@ -451,20 +450,25 @@ class Deployment:
         ``wait_started``)."""
         if self._started_at is None:
             self._started_at = time.perf_counter()
-        spec = self.roles[role]
-        taken = self.pool.take(node, spec) if self.pool is not None else None
-        if taken is not None:
-            actor, name = taken
-            self.reused.add(node)
-        else:
-            name = f"fdjax/{self.tag}/{node}"
-            actor = ray.remote(NodeWorker).options(**spec.options(name)).remote()
-            if self.pool is not None:
-                self.pool.started += 1
-        self.loads[node] = actor.load.remote(programs, data)
-        self.actors[node], self.names[node], self.node_roles[node] = actor, name, spec
         self._args[node] = (role, programs, data)
         self.warm_ups[node] = list(warm_up)
+        taken = self.pool.take(node, self.roles[role]) if self.pool is not None else None
+        if taken is None:
+            return self._new_actor(node)
+        self.reused.add(node)
+        self.actors[node], self.names[node] = taken
+        self.loads[node] = taken[0].load.remote(programs, data)
+        return taken[0]
+
+    def _new_actor(self, node: str) -> Any:
+        """Starts a new actor for ``node`` (its ``start`` arguments) and loads it."""
+        role, programs, data = self._args[node]
+        name = f"fdjax/{self.tag}/{node}"
+        actor = ray.remote(NodeWorker).options(**self.roles[role].options(name)).remote()
+        if self.pool is not None:
+            self.pool.started += 1
+        self.actors[node], self.names[node] = actor, name
+        self.loads[node] = actor.load.remote(programs, data)
         return actor
 
     def client(self, index: int, trainer: Callable[[], Any], data: Mapping[str, np.ndarray],
@@ -534,18 +538,21 @@ class Deployment:
     def _replace_dead_reused(self) -> None:
         """Starts a new actor for each node whose pooled actor died after its last run ended
         (a kill Ray's head had not recorded yet when that run gave it back)."""
-        for node in sorted(self.reused):
-            try:
-                ray.get(self.actors[node].where.remote(), timeout=self.start_timeout)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                _kill([self.actors[node]], [self.names[node]])
-                self.reused.discard(node)
-                role, programs, data = self._args[node]
-                name = f"fdjax/{self.tag}/{node}"
-                self.actors[node] = ray.remote(NodeWorker).options(
-                    **self.roles[role].options(name)).remote()
-                self.names[node] = name
-                self.loads[node] = self.actors[node].load.remote(programs, data)
+        refs = {node: self.actors[node].where.remote() for node in sorted(self.reused)}
+        if not refs:
+            return
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs),
+                              timeout=self.start_timeout)  # one wait for all, not one each
+        for node, ref in refs.items():
+            if ref not in pending:
+                try:
+                    ray.get(ref)
+                    continue
+                except ray.exceptions.RayActorError:
+                    pass
+            _kill([self.actors[node]], [self.names[node]])
+            self.reused.discard(node)
+            self._new_actor(node)
 
     def close(self) -> None:
         """Kills every actor of the run, waits until Ray has them dead, and leaves the session
@@ -560,8 +567,8 @@ class Deployment:
                 keep = {node for node in self.actors
                         if node not in self.lost and self.names[node] in listed}
                 for node in keep:
-                    self.pool.give_back(node, self.node_roles[node], self.actors[node],
-                                        self.names[node])
+                    self.pool.give_back(node, self.roles[self._args[node][0]],
+                                        self.actors[node], self.names[node])
             doomed = [node for node in self.actors if node not in keep]
             _kill([self.actors[node] for node in doomed], [self.names[node] for node in doomed])
             self.actors.clear()
