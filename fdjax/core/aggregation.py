@@ -106,7 +106,9 @@ class AggregationRule(NamedTuple):
         num_byzantine: ``f``, the bad clients Krum and Multi-Krum are built to withstand.
         multi_krum_keep: ``m``, the clients Multi-Krum averages; None: ``n - f``.
         clip_norm: if set, each update's change from the server's model is scaled down to at
-            most this L2 norm before the rule runs (clipped instead of rejected).
+            most this L2 norm before the rule runs (clipped instead of rejected), and so is the
+            round's change under the coordinate-wise rules (median, trimmed mean), which can
+            otherwise leave the ball the clipped updates lie in.
     """
 
     name: str = "fedavg"
@@ -139,10 +141,16 @@ def aggregate(stacked: Any, weights: jax.Array, rule: str | AggregationRule = "f
                                                                  rule.clip_norm)
     if rule.name == "fedavg":
         return fedavg(stacked, weights)
-    if rule.name == "median":
-        return coordinate_median(stacked)
-    if rule.name == "trimmed_mean":
-        return trimmed_mean(stacked, rule.trim_fraction)
+    if rule.name in ("median", "trimmed_mean"):
+        result = (coordinate_median(stacked) if rule.name == "median"
+                  else trimmed_mean(stacked, rule.trim_fraction))
+        # A coordinate-wise rule can leave the ball the clipped updates lie in (the median of
+        # (a, a, 0), (a, 0, a), (0, a, a) with a = 1/sqrt(2) is (a, a, a), of norm 1.22), so
+        # its round is clipped too: with clip_norm no round moves the model further, whatever
+        # the rule. FedAvg, Krum and Multi-Krum stay inside it (a weighted mean of the clipped
+        # updates, or one of them) and are left untouched.
+        return result if rule.clip_norm is None else clip_update(reference, result,
+                                                                 rule.clip_norm)
     if rule.name in ("krum", "multi_krum"):
         return _krum(stacked, weights, rule)
     raise ValueError(f"unknown aggregation rule {rule.name!r}; choose one of "

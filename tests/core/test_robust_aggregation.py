@@ -247,6 +247,29 @@ def test_with_clipping_no_round_moves_the_model_further_than_the_bound(case, max
                                                       + 2 * rounding(results[name])), name
 
 
+@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+def test_a_coordinate_wise_round_is_clipped_too(name):
+    """Three updates of norm 1 whose coordinate median, (a, a, a), has norm 1.22: clipping the
+    updates alone leaves a median round outside the bound (the hypothesis test above once drew
+    such a case, 1.006 against 1.0), so the round is clipped as well. With a fifth of 5 clients
+    trimmed, the trimmed mean of these and two copies of the first is outside too."""
+    a = np.float32(1 / np.sqrt(2))
+    points = [[a, a, 0], [a, 0, a], [0, a, a]] + ([[a, a, 0]] * 2 if name == "trimmed_mean"
+                                                  else [])
+    stacked = {"w": jnp.asarray(points, jnp.float32)}
+    reference = {"w": jnp.zeros(3, jnp.float32)}
+    weights = jnp.ones(len(points), jnp.float32)
+    free = agg.aggregate(stacked, weights, agg.AggregationRule(name, trim_fraction=0.2))
+    assert distance(free, reference) > 1.02  # the rule alone leaves the unit ball (1.22, 1.03)
+    clipped = agg.aggregate(stacked, weights, agg.AggregationRule(
+        name, trim_fraction=0.2, clip_norm=1.0), reference=reference)
+    assert distance(clipped, reference) <= 1 + 2 * rounding(clipped)
+    # its direction is the rule's, only its length is cut
+    cosine = np.dot(clipped["w"], free["w"]) / (np.linalg.norm(clipped["w"]) *
+                                                  np.linalg.norm(free["w"]))
+    assert cosine > 1 - 1e-6
+
+
 def test_clipping_needs_the_server_model_and_a_positive_bound():
     stacked = agg.stack_trees([{"w": jnp.zeros(2)}] * 2)
     with pytest.raises(ValueError, match="reference"):
