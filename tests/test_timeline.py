@@ -33,7 +33,9 @@ def test_the_summary_adds_tests_per_module_and_per_worker(tmp_path):
 def test_the_plugin_records_each_test_of_a_run_with_its_compilation(tmp_path):
     """A real run of one small module with the plugin on: a line per test, and the seconds
     JAX spent compiling its programs counted (``test_aggregation`` compiles FedAvg)."""
-    env = {**os.environ, VARIABLE: str(tmp_path)}
+    # a worker's own name would name the file (tests_gw1.jsonl) under ``pytest -n``
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env[VARIABLE] = str(tmp_path)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.timeline",
                            "tests/core/test_aggregation.py", "-k", "fedavg_weights_by_examples"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
