@@ -85,7 +85,7 @@ def pytest_xdist_make_scheduler(config, log):
 #: Modules whose tests compile more than they compute run with XLA's optimisations off
 #: (``jax_disable_most_optimizations``: LLVM at -O0, as the GPU script's smoke run), and so do the
 #: subprocesses and Ray actors they start, which read it from the environment. Chosen module by
-#: module, from each module's CPU time run alone both ways (README, Tests); the other modules
+#: module, from each module's CPU time run alone both ways (tests/TIMINGS.md); the other modules
 #: train more than they compile, which -O0 makes slower, and keep XLA's default. What these
 #: tests check (results, files, schedules, equalities between two ways of computing) does not
 #: depend on how hard XLA optimises; the rest of the suite runs the default programs.
