@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fdjax.core.coordinatewise import coordinatewise
+
 
 def coordinate_median(stacked: Any) -> Any:
     """Coordinate-wise median over the leading (client) axis (Yin et al., 2018).
@@ -32,8 +34,7 @@ def coordinate_median(stacked: Any) -> Any:
     model: that client may be the bad one, and differences from a huge model would wipe out the
     good ones' digits.
     """
-    return jax.tree_util.tree_map(
-        lambda leaf: jnp.median(leaf.astype(jnp.float32), axis=0).astype(leaf.dtype), stacked)
+    return coordinatewise(lambda values: jnp.median(values, axis=0), stacked)
 
 
 def trimmed_count(num_clients: int, trim_fraction: float) -> int:
@@ -55,15 +56,14 @@ def trimmed_mean(stacked: Any, trim_fraction: float = 0.1) -> Any:
     n = int(leaves[0].shape[0]) if leaves else 0
     k = trimmed_count(n, trim_fraction)
 
-    def one(leaf):
+    def one(values):
         # Around the median, a robust centre: small differences keep their digits whatever the
         # outliers are, and identical client models come back bit for bit.
-        values = leaf.astype(jnp.float32)
         centre = jnp.median(values, axis=0)
         kept = jnp.sort(values - centre[None], axis=0)[k:n - k]
-        return (centre + jnp.mean(kept, axis=0)).astype(leaf.dtype)
+        return centre + jnp.mean(kept, axis=0)
 
-    return jax.tree_util.tree_map(one, stacked)
+    return coordinatewise(one, stacked)
 
 
 def krum_neighbours(num_clients: int, num_byzantine: int) -> int:
