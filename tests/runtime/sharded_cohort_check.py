@@ -2,7 +2,7 @@
 
 JAX fixes its device count when it starts, and the test suite's process has already started it
 with one device, so ``tests/runtime/test_cohort_sharding.py`` runs this module as
-``python -m tests.runtime.sharded_cohort_check {trainer,run}`` with
+``python -m tests.runtime.sharded_cohort_check trainer,run`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` and asserts on the JSON it prints last.
 The checks only measure here; the tests decide what passes.
 """
@@ -152,6 +152,9 @@ def run_checks() -> dict:
     return result
 
 
+CHECKS = {"trainer": trainer_checks, "run": run_checks}
+
 if __name__ == "__main__":
-    checks = {"trainer": trainer_checks, "run": run_checks}[sys.argv[1]]
-    print(json.dumps({"devices": len(jax.devices()), **checks()}))
+    # one process for every check named: JAX starts, and the programs they share compile, once
+    print(json.dumps({"devices": len(jax.devices()),
+                      **{name: CHECKS[name]() for name in sys.argv[1].split(",")}}))

@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.lru_cache(maxsize=None)
-def four_devices(checks: str) -> dict:
-    """``sharded_cohort_check``'s report for ``checks``, from a process with four devices."""
+def four_devices(checks: str = "trainer,run") -> dict:
+    """``sharded_cohort_check``'s report for ``checks``, from a process with four devices: one
+    process for all of them, so JAX starts, and the programs they share compile, once."""
     # XLA's optimisations are off here (QUICK_COMPILE in tests/conftest.py puts them off in the
     # environment this process inherits): these checks compare a sharded cohort with an
     # unsharded one compiled the same way, on models of a few thousand parameters, so their
@@ -44,7 +45,7 @@ def four_devices(checks: str) -> dict:
 
 @pytest.mark.parametrize("case", ["equal", "unequal"])
 def test_a_sharded_cohort_trains_as_the_unsharded_one(case):
-    report = four_devices("trainer")[case]
+    report = four_devices()["trainer"][case]
     assert report["mesh"] == 4
     # cohort sizes 6 and 3 are no multiple of 4: calls of 6, 3 and 1 lanes are padded
     assert report["chunks"] == ([6] if case == "equal" else [3, 1, 3])
@@ -55,7 +56,7 @@ def test_a_sharded_cohort_trains_as_the_unsharded_one(case):
 
 @pytest.mark.parametrize("case", ["equal", "unequal"])
 def test_a_sharded_cohort_step_is_one_call_over_four_devices_compiled_once(case):
-    report = four_devices("trainer")[case]
+    report = four_devices()["trainer"][case]
     assert report["calls"] == report["expected_calls"]  # one call per step (per epoch: scan)
     lanes = 2 if case == "equal" else 1  # 8 lanes over 4 devices; 4 over 4
     for call in report["placements"]:
@@ -67,7 +68,7 @@ def test_a_sharded_cohort_step_is_one_call_over_four_devices_compiled_once(case)
 
 
 def test_a_sharded_cohort_run_keeps_the_virtual_clock_schedule():
-    report = four_devices("run")
+    report = four_devices()["run"]
     single, sharded = report["single"], report["all"]
     assert not single["splits"] and sharded["splits"]
     assert all(devices == [4] for devices in sharded["splits"])
