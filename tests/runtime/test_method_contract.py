@@ -54,11 +54,13 @@ def test_every_registered_method_learns(method):
     # TINY's two distillation steps a chunk, as every other run here: a chunk costs its steps,
     # so the server distils about as many steps a virtual second with any length; another
     # length compiles every distillation step again (the chunk's batch plan is an input)
+    # to 30% (10 classes: chance is 0.1), within 12 virtual seconds; a run stops where it gets
+    # there (most methods in 3 to 6 s, sync-fwd near the end), since the rest proves nothing more
     result = run(tiny(method, "stop.time_budget=12", "cost.client_seconds_per_example=0.002",
-                      "cost.server_seconds_per_example=0.001"))
+                      "cost.server_seconds_per_example=0.001", "stop.target_accuracy=0.3"))
     first, last = result.rows[0]["global_accuracy"], result.rows[-1]["global_accuracy"]
-    assert last > first + 0.1 and last > 0.2  # 10 classes: chance is 0.1
-    assert [r["time"] for r in result.rows] == [1.5 * i for i in range(9)]
+    assert first < 0.2 and last >= 0.3, [r["global_accuracy"] for r in result.rows]
+    assert [r["time"] for r in result.rows] == [1.5 * i for i in range(len(result.rows))]
 
 
 @pytest.mark.parametrize("method", names())
