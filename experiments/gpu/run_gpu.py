@@ -112,7 +112,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "total_seconds": 280,
     "local_training": dict(budget=60, presets=("cnn6",), width=0.125, images=64, batch_size=32,
                            repeats=2, scan_steps=1),
-    "cohort": dict(budget=60, ks=(2, 3), shape="8,8,1", preset="cnn6", width=0.125,
+    "cohort": dict(budget=60, ks=(3,), shape="8,8,1", preset="cnn6", width=0.125,
                    batch_size=16, max_lanes=4, repeats=1),
     "sim_overhead": dict(budget=90, warmup=0.0, overrides=["stop.time_budget=1", *TINY_WIDTHS]),
     "paper": dict(budget=60, config=None, tfds=False, seconds_per_method=2, warmup_budget=2,
