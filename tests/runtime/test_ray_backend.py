@@ -9,6 +9,7 @@ fails the accuracy check, never a timing assertion).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -98,6 +99,10 @@ def check_run_directory(out, method: str, lost: str | None = None) -> list[dict]
     # one actor process per node, each on the CPU as the role asked
     assert len({p["pid"] for p in record["placement"].values()}) == len(NODES)
     assert all(p["jax_devices"] == ["cpu:0"] for p in record["placement"].values())
+    # the suite's compilation cache reached every actor (tests/conftest.py): clients warm up
+    # after the first one and load its programs (``warm_up_waves``)
+    assert {p["compilation_cache"] for p in record["placement"].values()} == {
+        os.environ["JAX_COMPILATION_CACHE_DIR"]}
     with np.load(out / "global_params.npz") as params:
         assert params.files and all(np.isfinite(params[k]).all() for k in params.files)
     return rows
@@ -141,6 +146,21 @@ def test_an_address_without_a_cluster_is_a_quick_one_line_error(address, words, 
     assert main(["run", "--backend", "ray", "--address", address, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err and not out.exists()
+
+
+def test_clients_sharing_a_compilation_cache_warm_up_after_the_first_one():
+    """Clients on one Ray node with one persistent compilation cache: the first compiles, the
+    others warm up after it and load its programs; without a cache, or on another Ray node,
+    every client compiles at once. Nodes without warm-up calls are left out."""
+    from fdjax.runtime.ray_backend import warm_up_waves
+
+    calls = {"client0": [1], "client1": [1], "client2": [1], "distillation": [1], "averaging": []}
+    cached = {node: {"node_id": "a", "compilation_cache": "/c"} for node in calls}
+    assert warm_up_waves(calls, cached) == [["client0", "distillation"], ["client1", "client2"]]
+    uncached = {node: {"node_id": "a", "compilation_cache": None} for node in calls}
+    assert warm_up_waves(calls, uncached) == [["client0", "client1", "client2", "distillation"]]
+    apart = dict(cached, client2={"node_id": "b", "compilation_cache": "/c"})
+    assert warm_up_waves(calls, apart) == [["client0", "client2", "distillation"], ["client1"]]
 
 
 def test_actors_get_the_jax_memory_settings_of_their_role():
