@@ -108,28 +108,31 @@ FULL: dict[str, dict[str, Any]] = {
                          "cost.mode=measured", "stop.time_budget=150", "stop.eval_interval=3"]),
 }
 # The same on 2 CPU cores in about a minute: tiny models and data, the embedded digits.
-TINY_WIDTHS = ["models.global_width=0.125", "models.small_width=0.125"]
+# cnn6 as the global model too: the smoke run checks that each section runs and reports, which
+# does not depend on the model, and cnn12's programs were most of its compilation.
+TINY_MODELS = ["models.global_width=0.125", "models.small_width=0.125",
+               "models.global_preset=cnn6"]
 SMOKE: dict[str, dict[str, Any]] = {
     "total_seconds": 280,
     "local_training": dict(budget=60, presets=("cnn6",), width=0.125, images=64, batch_size=32,
                            repeats=2, scan_steps=1),
     "cohort": dict(budget=60, ks=(3,), shape="8,8,1", preset="cnn6", width=0.125,
                    batch_size=16, max_lanes=4, repeats=1),
-    "sim_overhead": dict(budget=90, warmup=0.0, overrides=["stop.time_budget=1", *TINY_WIDTHS]),
+    "sim_overhead": dict(budget=90, warmup=0.0, overrides=["stop.time_budget=1", *TINY_MODELS]),
     "paper": dict(budget=60, config=None, tfds=False, seconds_per_method=2, warmup_budget=2,
-                  overrides=TINY_WIDTHS),
+                  overrides=TINY_MODELS),
     "tests": dict(budget=60, args=["tests/core/test_aggregation.py", "-k",
                                    "fedavg_weights_by_examples or mismatched_trees"]),
     "scale_1000": dict(budget=60, tfds=False, rounds=2, overrides=[
         "data.source=embedded", "clients.count=10", "data.proxy_size=200",
-        "data.test_limit=none", *TINY_WIDTHS]),
+        "data.test_limit=none", *TINY_MODELS]),
     "drawback": dict(budget=60, tfds=False, methods=("sync-fwd", "async-fwd-strong",
                                                     "async-fwd-gated"),
                      seconds_per_method=60, overrides=[
                          "data.source=embedded", "data.limit=none", "data.proxy_size=300",
                          "data.test_split=test", "data.test_limit=none", "distill.augment=\"none\"",
                          "distill.steps_per_chunk=5", "distill.gate_holdout=100",
-                         "stop.time_budget=2", "stop.eval_interval=0.5", *TINY_WIDTHS]),
+                         "stop.time_budget=2", "stop.eval_interval=0.5", *TINY_MODELS]),
 }
 
 
