@@ -23,6 +23,7 @@ from fdjax.methods import METHODS, Method, get_method, names, register
 from fdjax.runtime.nodes import AveragingServer
 from fdjax.runtime.sampling import ClientSampler
 
+from tests.runtime.record_rows import RECORDED
 from tests.runtime.record_rows import rows as current_rows
 from tests.runtime.test_faults import faults, max_abs
 from tests.runtime.test_methods import TINY, events, tiny
@@ -36,9 +37,9 @@ SCHEDULE = ("time", "round", "distill_chunks", "last_staleness", "rejected", "la
 
 @functools.lru_cache(maxsize=None)
 def tiny_rows(method: str) -> tuple:
-    """The rows of ``method``'s run on TINY as it is (6 virtual seconds), without wall times:
-    compared with the recorded rows below, and the uninterrupted run that a killed and resumed
-    one must follow (one run for both)."""
+    """The rows of ``method``'s run on TINY with the recorded global model (``RECORDED``), 6
+    virtual seconds, without wall times: compared with the recorded rows below, and the
+    uninterrupted run that a killed and resumed one must follow (one run for both)."""
     return tuple(current_rows(method))
 
 
@@ -63,9 +64,9 @@ def test_every_registered_method_learns(method):
     # TINY's two distillation steps a chunk, as every other run here: a chunk costs its steps,
     # so the server distils about as many steps a virtual second with any length; another
     # length compiles every distillation step again (the chunk's batch plan is an input)
-    # to 30% (10 classes: chance is 0.1), within 12 virtual seconds; a run stops where it gets
-    # there (most methods in 3 to 6 s, sync-fwd near the end), since the rest proves nothing more
-    result = run(tiny(method, "stop.time_budget=12", "cost.client_seconds_per_example=0.002",
+    # to 30% (10 classes: chance is 0.1), within 18 virtual seconds; a run stops where it gets
+    # there (most methods in 3 to 6 s, sync-fwd at about 13.5 s), since the rest proves nothing
+    result = run(tiny(method, "stop.time_budget=18", "cost.client_seconds_per_example=0.002",
                       "cost.server_seconds_per_example=0.001", "stop.target_accuracy=0.3"))
     first, last = result.rows[0]["global_accuracy"], result.rows[-1]["global_accuracy"]
     assert first < 0.2 and last >= 0.3, [r["global_accuracy"] for r in result.rows]
@@ -100,7 +101,7 @@ def test_every_registered_method_resumes_a_killed_run_on_the_same_schedule(metho
     """Killed at 4.5 of 6 virtual seconds, resumed from its last checkpoint: the rows it kept
     are untouched, and the run ends on the schedule of the same run never interrupted and never
     checkpointed (``tiny_rows``, shared with the test above)."""
-    cfg = tiny(method, "checkpoint.every_rounds=2")
+    cfg = tiny(method, "checkpoint.every_rounds=2", *RECORDED)
     with pytest.raises(Killed):
         run(cfg, tmp_path / "killed", on_row=kill_at(4.5))
     before = lines(tmp_path / "killed")

@@ -9,9 +9,15 @@ import pytest
 from fdjax.config import load_config
 from fdjax.experiment import run
 
+#: The runtime tests' run: tiny data, fixed costs. The global model is a cnn6 like the small
+#: one (the preset is cnn12): what these tests check (schedules, who waits for whom, files,
+#: faults, resumes) does not depend on its depth, and cnn12's programs were about half of what
+#: every module compiled. The rows recorded before the method registry were made with cnn12,
+#: and ``record_rows`` keeps it (``RECORDED``).
 TINY = [
     "data.source=synthetic", "data.limit=240", "data.test_limit=100", "data.proxy_size=48",
-    "models.global_width=0.25", "models.small_width=0.25", "clients.batch_size=32",
+    "models.global_width=0.25", "models.small_width=0.25", "models.global_preset=cnn6",
+    "clients.batch_size=32",
     "distill.batch_size=16", "distill.steps_per_chunk=2", "cost.mode=fixed",
     "cost.client_seconds_per_example=0.01", "cost.server_seconds_per_example=0.01",
     "cost.latency=0.05", "stop.time_budget=6", "stop.eval_interval=1.5", "clients.speeds=[1.0]",
