@@ -125,11 +125,6 @@ def trainer_checks() -> dict:
     return {name: trainer_case(counts, names, *case) for name, *case in CASES}
 
 
-#: The run's global model is a cnn6 too: the schedule and the cohort's sharding, which the run
-#: check compares, do not depend on it, and cnn12's programs took most of its compilation.
-SMALL_GLOBAL = ("models.global_preset=cnn6",)
-
-
 def run_checks() -> dict:
     """The tiny cohort run of ``test_cohorts`` on the virtual clock, unsharded and sharded."""
     from fdjax.experiment import run
@@ -148,7 +143,7 @@ def run_checks() -> dict:
     result = {}
     for devices in ("single", "all"):
         before = len(splits)
-        r = run(tiny("sync", *vmap, f"clients.cohort_devices={devices}", *SMALL_GLOBAL))
+        r = run(tiny("sync", *vmap, f"clients.cohort_devices={devices}"))
         result[devices] = {
             "events": [[e["event"], e["node"], e["time"]] for e in r.events],
             "rows": [{k: v for k, v in row.items() if k != "wall_time"} for row in r.rows],
