@@ -97,9 +97,12 @@ QUICK_COMPILE = ("test_layers", "test_models", "test_augment", "test_robust_aggr
 def _quick_compile_modules(request):
     """XLA's optimisations off for a module of ``QUICK_COMPILE``, and back on after it.
 
-    The programs it compiled are dropped from JAX's in-memory caches when it ends, so a later
-    module on the same worker compiles its own (or loads them from the suite's cache) at the
-    default level instead of reusing a slower -O0 program."""
+    JAX's in-memory caches do not tell the two levels apart, so they are emptied when such a
+    module starts and when it ends: the module runs only programs compiled at -O0 (not one an
+    earlier module compiled at the default level: their results can differ in the last bit,
+    which tests that compare two ways of computing bit for bit would see), and a later module
+    on the same worker compiles its own (or loads them from the suite's cache, whose keys do
+    tell the levels apart) at the default level instead of reusing a slower -O0 program."""
     if request.module.__name__.rsplit(".", 1)[-1] not in QUICK_COMPILE:
         yield
         return
@@ -109,6 +112,7 @@ def _quick_compile_modules(request):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
         jax.config.update("jax_disable_most_optimizations", True)
+        jax.clear_caches()
         try:
             yield
         finally:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 #: How the CNN's backward pass is computed: "xla" (XLA's own gradients), "pool" (the max-pool's
@@ -169,42 +170,64 @@ def _max_pool_bwd(x, dy):
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def flat_draws(init: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """A fan-in variance-scaling initialiser (``he_normal``, ``lecun_normal``, their uniform
-    forms) that draws a kernel of three or more axes as a matrix, giving the same numbers.
+#: Sizes a kernel's numbers are drawn over (``fan_in_normal``): powers of four from 4,096.
+_DRAW_SIZES = tuple(4 ** k for k in range(6, 17))
 
-    Why: JAX's default random numbers (threefry, ``jax_threefry_partitionable``) are drawn from a
-    counter per element computed from every axis's index, and XLA CPU takes seconds to compile
-    that for a 4-d shape: a (3, 3, 8, 16) normal draw took 4.5 s to compile against 0.2-0.3 s
-    for the same draw over a 1-d or 2-d shape. A model's initialisation runs op by op, so each
-    distinct kernel shape paid that once per process: ``cnn12`` and ``cnn6`` at width 0.25 took
-    20 s to initialise in a fresh process, most of a small run's start. The counters of a 4-d
-    draw are those of the flat draw (the row-major index), so drawing over ``(prod(shape[:-1]),
-    shape[-1])`` and reshaping gives the very same bits; and a fan-in initialiser's scale
-    depends only on ``prod(shape[:-1])`` (input channels times receptive field), which the
-    matrix keeps. So the values are bit for bit those of ``init`` on the kernel's own shape
-    (``tests/core/test_layers.py`` checks it), and no parameter, checkpoint or result changes.
 
-    Only for initialisers scaled by fan-in with the default axes (in_axis=-2, out_axis=-1): a
-    fan-out or fan-average one would see the wrong fan-out on the matrix.
+def _draw_size(count: int) -> int:
+    for size in _DRAW_SIZES:
+        if size >= count:
+            return size
+    return count  # beyond 4**16 numbers: the kernel's own size
+
+
+def fan_in_normal(scale: float) -> Callable[..., jax.Array]:
+    """``nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")`` (flax's
+    ``lecun_normal`` at 1, ``he_normal`` at 2), the same values bit for bit, compiled for a
+    handful of sizes instead of once per kernel shape.
+
+    Why: JAX's random numbers (threefry, ``jax_threefry_partitionable``) take XLA CPU long to
+    compile: a truncated-normal draw over a 4-d kernel shape took 4.5 s, over a matrix or a
+    vector 0.3-0.45 s, and a model initialises op by op, so each distinct kernel shape paid that
+    once per process (a tiny ``cnn6`` run spent 4.3 of its 16 s of compilation on six of them).
+    Under ``jax_threefry_partitionable`` (JAX's default) element ``i`` of a draw depends only on
+    the key and its row-major index ``i``, not on the shape: a kernel's numbers are the first
+    ``prod(shape)`` of a flat draw of any larger size, reshaped. So every kernel is drawn over
+    the next of a few fixed sizes (powers of four from 4,096), scaled, cut and reshaped: one
+    compiled draw serves every kernel of that size class in the process, across models, and the
+    suite's and a Ray node's persistent compilation cache keep them across processes. The cut
+    and the reshape are done on the host. The scale
+    is computed as flax computes it (``prod(shape[:-1])`` is the fan-in for the default axes),
+    so no parameter, checkpoint or result changes; ``tests/core/test_layers.py`` checks the
+    values against flax's own initialisers on many shapes and dtypes.
     """
-    def draw(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-        shape = tuple(shape)
-        if len(shape) <= 2:
-            return init(key, shape, dtype)
-        return init(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
-    return draw
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2:
+            raise ValueError(f"a fan-in initialiser needs a kernel of 2 or more axes, got {shape}")
+        dtype = jnp.dtype(dtype)
+        # flax: fan_in = shape[-2] * prod(shape) / shape[-2] / shape[-1], exact in floats here
+        variance = jnp.array(scale / float(math.prod(shape[:-1])), dtype=dtype)
+        stddev = jnp.sqrt(variance) / jnp.array(.87962566103423978, dtype)
+        count = math.prod(shape)
+        numbers = jax.random.truncated_normal(key, -2, 2, (_draw_size(count),), dtype) * stddev
+        try:  # cut and reshaped on the host: on the device each kernel shape compiles a slice
+            # and a reshape of its own (two small programs per shape, about 0.1 s each on CPU)
+            return jnp.asarray(np.asarray(numbers)[:count].reshape(shape))
+        except jax.errors.TracerArrayConversionError:  # under jit or eval_shape: traced
+            return numbers[:count].reshape(shape)
+    return init
 
 
 def he_normal() -> Callable[..., jax.Array]:
-    """``nn.initializers.he_normal()``, the same values, quick to compile (``flat_draws``)."""
-    return flat_draws(nn.initializers.he_normal())
+    """``nn.initializers.he_normal()``, the same values, quick to compile (``fan_in_normal``)."""
+    return fan_in_normal(2.0)
 
 
 def lecun_normal() -> Callable[..., jax.Array]:
     """``nn.initializers.lecun_normal()`` (flax's default for kernels), the same values, quick to
-    compile (``flat_draws``)."""
-    return flat_draws(nn.initializers.lecun_normal())
+    compile (``fan_in_normal``)."""
+    return fan_in_normal(1.0)
 
 
 class Conv(nn.Module):
@@ -213,7 +236,7 @@ class Conv(nn.Module):
     The bias gradient is always the matrix product of ``add_bias``; the kernel's weight gradient
     is the matmul one of ``conv_same`` with ``kernel_grad="matmul"`` and XLA's own with
     ``"xla"``. Same parameter names, shapes and initialisers (their values, drawn quicker to
-    compile: ``flat_draws``) as ``nn.Conv``, so a parameter tree made by one loads into the other.
+    compile: ``fan_in_normal``) as ``nn.Conv``, so a parameter tree made by one loads into the other.
     """
 
     features: int

@@ -30,7 +30,7 @@ from fdjax.core.layers import lecun_normal
 
 def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1) -> nn.Conv:
     """``nn.Conv`` without a bias, with flax's own kernel initialiser drawn so that it compiles
-    in a fraction of the time (the same values: ``fdjax.core.layers.flat_draws``)."""
+    in a fraction of the time (the same values: ``fdjax.core.layers.fan_in_normal``)."""
     return nn.Conv(features, kernel_size, strides=strides, use_bias=False,
                    kernel_init=lecun_normal())
 
@@ -81,7 +81,7 @@ class ResNet(nn.Module):
                 x = BasicBlock(self.width * 2 ** stage, stride)(x, train=train)
         x = jnp.mean(x, axis=(-3, -2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, kernel_init=lecun_normal())(x)
 
 
 def resnet6(num_classes: int, input_shape: Sequence[int] = (32, 32, 3), width: int = 16,

@@ -1,5 +1,7 @@
 """The written-out convolution and pool gradients equal XLA's, and change nothing else."""
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ def _xla_conv(x, w):
 
 def _normal(seed, shape):
     """Test inputs drawn by numpy: a JAX draw over a 4-d or 5-d shape takes XLA CPU seconds to
-    compile (``fdjax.core.layers.flat_draws``), once per shape."""
+    compile (``fdjax.core.layers.fan_in_normal``), once per shape."""
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
@@ -127,16 +129,19 @@ def test_bias_gradient_is_the_sum_over_everything_but_channels(dtype):
 
 
 # Kernel shapes of the two models below (cnn6 and resnet6 on 8x8 images), so that the slow
-# compilations of flax's own 4-d draws are shared between the two tests; and a 3-d, a 5-d, a
-# bfloat16 and a matrix case.
+# compilations of flax's own 4-d draws are shared between the two tests; a 3-d, a 5-d, a
+# bfloat16, a float16 and two matrix cases; and sizes at, just past and well past the first
+# draw size (4,096 numbers) and past the second (16,384).
 @pytest.mark.parametrize("name, shape, dtype", [
     ("he_normal", (3, 3, 3, 8), jnp.float32), ("lecun_normal", (3, 3, 8, 16), jnp.float32),
     ("he_normal", (1, 1, 8, 16), jnp.float32), ("lecun_normal", (5, 4, 6), jnp.float32),
     ("he_normal", (2, 3, 3, 4, 5), jnp.float32), ("he_normal", (3, 3, 8, 8), jnp.bfloat16),
-    ("lecun_normal", (64, 10), jnp.float32)])
-def test_flat_draws_give_flaxs_initial_values_bit_for_bit(name, shape, dtype):
-    """The quick-to-compile initialisers draw the very numbers of flax's own on the kernel's
-    shape, so no parameter, checkpoint or recorded result changes."""
+    ("lecun_normal", (64, 10), jnp.float32), ("lecun_normal", (64, 64), jnp.float32),
+    ("he_normal", (4097, 1), jnp.float32), ("lecun_normal", (300, 70), jnp.float16)])
+def test_quick_initialisers_give_flaxs_initial_values_bit_for_bit(name, shape, dtype):
+    """The quick-to-compile initialisers (``fan_in_normal``: a draw of a few fixed sizes, cut
+    and reshaped) give the very numbers of flax's own on the kernel's shape, so no parameter,
+    checkpoint or recorded result changes."""
     from fdjax.core import layers
 
     key = jax.random.key(7)
@@ -146,23 +151,79 @@ def test_flat_draws_give_flaxs_initial_values_bit_for_bit(name, shape, dtype):
     np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
 
 
+def test_quick_initialisers_give_flaxs_values_at_xlas_default_level_too():
+    """As above at XLA's default optimisation level, at which runs compile (this module runs
+    at -O0: ``QUICK_COMPILE`` in ``tests/conftest.py``). Sizes that leave vector remainders
+    of every length, in a draw of 4,096 or 16,384 numbers against one of the kernel's size."""
+    from fdjax.core import layers
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()  # the in-memory caches do not tell the levels apart
+    try:
+        for shape in [(61, 7), (64, 64), (13, 11), (4097, 1), (127, 33)]:
+            key = jax.random.key(sum(shape))
+            ours = layers.he_normal()(key, shape)
+            theirs = nn.initializers.he_normal()(key, shape)
+            np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=shape)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+        jax.clear_caches()
+
+
+@contextlib.contextmanager
+def _compilations():
+    """The names of the programs XLA compiled (or loaded from the persistent cache) meanwhile."""
+    names, listening = [], [True]
+
+    def listen(event, duration, fun_name=None, **_):
+        if listening[0] and event == "/jax/core/compile/backend_compile_duration":
+            names.append(fun_name)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        listening[0] = False
+
+
+def test_kernels_of_a_size_class_share_one_compiled_draw():
+    """Kernels of five shapes whose sizes fall in one class (4,097 to 16,384 numbers) compile
+    one draw between them, where drawing over each shape compiled five: the reason for
+    ``fan_in_normal``. (float16, a dtype no other test draws in at that size.)"""
+    from fdjax.core import layers
+
+    init, key = layers.he_normal(), jax.random.key(1)
+    shapes = [(3, 3, 30, 20), (3, 3, 40, 40), (70, 100), (5000, 2), (2, 9, 13, 31)]
+    with _compilations() as names:
+        kernels = [init(key, shape, jnp.float16) for shape in shapes]
+    assert [k.shape for k in kernels] == shapes
+    assert sum("truncated_normal" in str(n) for n in names) == 1, names
+    with pytest.raises(ValueError, match="2 or more axes"):
+        init(key, (5,))
+
+
 @pytest.mark.parametrize("grads", ["pool", "xla"])  # layers.Conv and nn.Conv
 def test_the_models_initial_values_are_those_of_flaxs_initialisers(grads, monkeypatch):
     """Every leaf of the CNN (``he_normal`` kernels) and of the ResNet (flax's default
-    ``lecun_normal``) is what the plain flax initialisers give, bit for bit."""
+    ``lecun_normal``, BatchNorm's statistics) as ``Model.init`` makes them (the quick
+    initialisers, the forward pass traced lazily) is what flax's own initialisers give in a
+    plain ``module.init`` on a dummy batch, bit for bit."""
     from fdjax.core import layers, resnet
+    from fdjax.core.models import ModelSpec
 
     # At width 8 the ResNet's kernels are the CNN's four and one 1x1 shortcut: flax's draws
     # over each 4-d shape take seconds to compile, once per shape.
     key, images = jax.random.key(3), jnp.zeros((1, 8, 8, 3), jnp.uint8)
     cnn = make_model("cnn6", input_shape=(8, 8, 3), width=0.25, grads=grads)
-    res = resnet.resnet6(10, input_shape=(8, 8, 3), width=8)
-    ours = [cnn.init(key), res.init(key, images, train=False)]
+    res = ModelSpec(resnet.resnet6(10, input_shape=(8, 8, 3), width=8), (8, 8, 3), 10).build()
+    ours = [cnn.init(key), res.init(key)]
     monkeypatch.setattr(layers, "he_normal", nn.initializers.he_normal)
+    monkeypatch.setattr(layers, "lecun_normal", nn.initializers.lecun_normal)
     monkeypatch.setattr(resnet, "lecun_normal", nn.initializers.lecun_normal)
     cnn = make_model("cnn6", input_shape=(8, 8, 3), width=0.25, grads=grads)
     res = resnet.resnet6(10, input_shape=(8, 8, 3), width=8)
-    plain = [cnn.init(key), res.init(key, images, train=False)]
+    plain = [cnn.module.init(key, images, train=False), res.init(key, images, train=False)]
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(plain)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
