@@ -43,8 +43,8 @@ def tfds_dir() -> str:
 #: kept in their order: longest first is the classic rule for spreading jobs over two machines,
 #: so that with ``-n 2`` the run ends on short modules instead of one worker finishing a long
 #: one while the other idles.
-LONGEST_FIRST = ("test_ray_backend", "test_ray_cluster_layout", "test_ray_token_cluster",
-                 "test_gpu_script", "test_cohort_sharding", "test_cli", "test_any_model",
+LONGEST_FIRST = ("test_any_model", "test_ray_backend", "test_ray_cluster_layout",
+                 "test_ray_token_cluster", "test_gpu_script", "test_cohort_sharding", "test_cli",
                  "test_methods", "test_method_contract", "test_faults", "test_notebook",
                  "test_sigkill_resume", "test_compare_resume", "test_rundir_lock")
 #: Under ``pytest -n`` each module is a unit of work, sent whole to the first free worker in the
@@ -56,7 +56,12 @@ LONGEST_FIRST = ("test_ray_backend", "test_ray_cluster_layout", "test_ray_token_
 #: first batch and ran them one after another while the other ran out of work. Its
 #: ``xdist_group`` mark does not take effect with pytest 9.2, whose node ids it can no longer
 #: rename.)
-GROUPS = {"tests/runtime/test_ray_": "ray"}
+#:
+#: ``test_any_model`` joins the Ray unit, ahead of it: its ResNet runs and the Ray test of models
+#: from import paths have the same settings, so the Ray actors load the ResNets' programs from
+#: the suite's compilation cache instead of compiling them again (sent to different workers,
+#: the two ran at about the same time and both compiled them).
+GROUPS = {"tests/runtime/test_ray_": "ray", "tests/test_any_model.py": "ray"}
 
 
 def pytest_collection_modifyitems(session, config, items):

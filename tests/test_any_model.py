@@ -114,7 +114,8 @@ def test_fedavg_averages_the_running_statistics_like_every_other_leaf():
 
 
 def test_a_resnet_run_resumes_from_its_checkpoint(tmp_path):
-    cfg = tiny("async-continuous", "checkpoint.every_rounds=1",
+    # the ResNet run's settings above (batches of 8, async-fwd): its programs, compiled once
+    cfg = tiny("async-fwd", "checkpoint.every_rounds=1", "clients.batch_size=8",
                "models.global_model=fdjax.core.resnet:resnet10",
                "models.small_model=fdjax.core.resnet:resnet6")
     with pytest.raises(Killed):
@@ -235,6 +236,32 @@ def test_a_model_that_cannot_be_built_is_one_line_exit_2_and_nothing_written(
                  "--out", str(cmp), "--set", setting]) == 2
     assert message in capsys.readouterr().err
     assert not cmp.exists() or not any(cmp.iterdir())
+
+
+class InputScaled(nn.Module):
+    """A model whose parameter's initial value is computed from the input batch's values."""
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, images, *, train: bool):
+        x = images.reshape(images.shape[0], -1).astype(jnp.float32)
+        scale = self.param("scale", lambda key: jnp.mean(x) + 1.0)
+        return nn.Dense(self.num_classes)(x) * scale
+
+
+def test_a_model_whose_initial_values_depend_on_the_input_still_initialises():
+    """``Model.init`` traces the forward pass on the input's shape only (flax's ``lazy_init``);
+    a module that needs the input's values to make its variables is initialised on the dummy
+    batch instead (zeros, so ``scale`` starts at 1), and a plain one gets the same values both
+    ways."""
+    model = ModelSpec(InputScaled(), (4, 4, 1), 10).build()
+    variables = model.init(jax.random.key(0))
+    assert float(variables["params"]["scale"]) == 1.0
+    plain = ModelSpec(TinyNet(), (4, 4, 1), 10).build()
+    lazy = plain.init(jax.random.key(1))
+    eager = plain.module.init(jax.random.key(1), jnp.zeros((1, 4, 4, 1), jnp.uint8), train=False)
+    for a, b in zip(jax.tree_util.tree_leaves(lazy), jax.tree_util.tree_leaves(eager), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_an_unknown_role_in_models_is_an_error():

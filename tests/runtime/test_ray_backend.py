@@ -393,14 +393,18 @@ def test_fedbuff_runs_on_ray_with_no_ray_code_of_its_own(pool, tmp_path):
 def test_models_from_import_paths_are_built_in_the_actors(pool, tmp_path):
     """The ResNets with BatchNorm and Dropout, named by import path: each actor imports the
     factory and builds its own programs; the running statistics come back trained."""
-    cfg = ray_tiny("async-continuous", "models.global_model=fdjax.core.resnet:resnet10",
-                   "models.small_model=fdjax.core.resnet:resnet6", "clients.batch_size=8",
-                   # to the fourth averaging round (about 7 s after the actors are warm on an
-                   # idle 2-core machine), not a fixed 20 s: what is checked is done by then
-                   "stop.target_accuracy=none", "stop.max_rounds=4", "stop.eval_interval=1",
-                   "stop.time_budget=60")
+    # The settings of test_any_model's ResNet run (TINY, batches of 8, async-fwd), so that the
+    # actors' programs are that run's: whichever of the two runs second loads them from the
+    # suite's compilation cache instead of compiling the ResNets again. To the fourth averaging
+    # round (about 7 s after the actors are warm on an idle 2-core machine), not a fixed 20 s:
+    # what is checked is done by then.
+    cfg = load_config(None, TINY + [
+        "clock=real", "backend=ray", "ray.client_cpus=0.25", "ray.server_cpus=0.25",
+        "method=async-fwd", "models.global_model=fdjax.core.resnet:resnet10",
+        "models.small_model=fdjax.core.resnet:resnet6", "clients.batch_size=8",
+        "stop.max_rounds=4", "stop.eval_interval=1", "stop.time_budget=60"])
     result = run(cfg, tmp_path / "run")
-    rows = check_run_directory(tmp_path / "run", "async-continuous")
+    rows = check_run_directory(tmp_path / "run", "async-fwd")
     assert len(rows) >= 3 and rows[-1]["round"] >= 2 and rows[-1]["distill_chunks"] >= 1
     assert 'small_model = "fdjax.core.resnet:resnet6"' in (
         tmp_path / "run" / "config.toml").read_text()
