@@ -81,7 +81,10 @@ def test_driver_choice_follows_the_backend():
 def test_one_local_epoch_on_2000_cifar_images_beats_chance(tfds_dir, counted):
     train = load_tfds("cifar10", "train", tfds_dir, limit=2000)
     test = load_tfds("cifar10", "test", tfds_dir, limit=1000)
-    model = make_model("cnn6", input_shape=train.image_shape, num_classes=10)
+    # width 0.5: the test 12.5 s instead of 20.6 s alone (beside a study run at nice 19); after
+    # the epoch 26.6% of the 1,000 test images right against 29.1% at width 1, both well above
+    # the 22% asked
+    model = make_model("cnn6", input_shape=train.image_shape, num_classes=10, width=0.5)
     trainer = LocalTrainer(model, make_optimizer(), batch_size=32)
     evaluator = Evaluator(model)
     test_data = as_device_data(test.arrays())
