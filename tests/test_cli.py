@@ -45,16 +45,22 @@ def test_bad_input_is_one_line_and_exit_status_2(capsys, argv, message):
     assert len(err) == 1 and message in err[0] and err[0].startswith("fdjax: error:")
 
 
+# The data and models of the runtime tests' TINY (tests/runtime/test_methods.py), so that the
+# programs these runs compile are theirs: whichever module runs first compiles them, and the
+# others load them from the suite's compilation cache.
 TINY_TOML = """
 method = "async-continuous"
 [data]
 source = "synthetic"
-limit = 200
-test_limit = 60
-proxy_size = 40
+limit = 240
+test_limit = 100
+proxy_size = 48
 [models]
 global_width = 0.25
 small_width = 0.25
+global_preset = "cnn6"
+[clients]
+batch_size = 32
 [distill]
 steps_per_chunk = 2
 batch_size = 16
