@@ -407,6 +407,9 @@ def plot_accuracy(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], p
     fig = _new_figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     colors = method_colors(curves)
+    # where another method shows a mean of several seeds, a method's single run names its seed,
+    # so that one seed's curve is not read as a mean
+    mixed = any(len(runs) > 1 for runs in curves.values())
     for name, runs in curves.items():
         color = colors[name]
         seeds = [c for c in (_curve(run, key) for run in runs) if c[0].size]
@@ -415,7 +418,9 @@ def plot_accuracy(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], p
         drawstyle = "steps-post" if step else "default"
         if len(seeds) == 1:
             times, values = seeds[0]
-            ax.plot(times, values, color=color, label=name, drawstyle=drawstyle, marker=".",
+            known = {r.get("seed") for run in runs for r in run} - {None}
+            label = f"{name} (seed {known.pop()} only)" if mixed and len(known) == 1 else name
+            ax.plot(times, values, color=color, label=label, drawstyle=drawstyle, marker=".",
                     markersize=3)
             continue
         start = max(times[0] for times, _ in seeds)

@@ -246,6 +246,25 @@ def test_plot_accuracy_three_seeds_and_several_methods(tmp_path):
     assert _is_png(linear)
 
 
+def test_a_single_run_beside_means_of_seeds_names_its_seed(tmp_path, monkeypatch):
+    """In a figure of means over seeds a method with one run is labelled with its seed, so its
+    curve is not read as a mean; alone in a figure, a run keeps the method's name."""
+    import fdjax.report as report
+
+    figures = []
+    real = report._new_figure
+    monkeypatch.setattr(report, "_new_figure", lambda *a: figures.append(real(*a)) or figures[-1])
+
+    def labels(curves):
+        plot_accuracy(curves, tmp_path / f"{len(figures)}.png")
+        return [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+
+    mixed = labels({"sync-fwd": [_seed_rows(0, 0.0, 9.0), _seed_rows(1, 0.2, 9.0)],
+                    "async-fwd-stronger": [_seed_rows(2, 0.0, 9.0)]})
+    assert mixed == ["sync-fwd (mean of 2 seeds)", "async-fwd-stronger (seed 2 only)"]
+    assert labels({"sync": [_seed_rows(2, 0.0, 9.0)]}) == ["sync"]
+
+
 def test_plot_accuracy_other_key_skips_none(tmp_path):
     rows = [row(1.0, 0.2, small=None), row(2.0, 0.3, small=0.25), row(3.0, 0.4, small=0.35)]
     path = plot_accuracy({"sync-fwd": [rows, rows]}, tmp_path / "small.png", key="small_accuracy")
