@@ -193,13 +193,13 @@ def fan_in_normal(scale: float) -> Callable[..., jax.Array]:
     Under ``jax_threefry_partitionable`` (JAX's default) element ``i`` of a draw depends only on
     the key and its row-major index ``i``, not on the shape: a kernel's numbers are the first
     ``prod(shape)`` of a flat draw of any larger size, reshaped. So every kernel is drawn over
-    the next of a few fixed sizes (powers of four from 4,096), scaled, cut and reshaped: one
-    compiled draw serves every kernel of that size class in the process, across models, and the
-    suite's and a Ray node's persistent compilation cache keep them across processes. The cut
-    and the reshape are done on the host. The scale
-    is computed as flax computes it (``prod(shape[:-1])`` is the fan-in for the default axes),
-    so no parameter, checkpoint or result changes; ``tests/core/test_layers.py`` checks the
-    values against flax's own initialisers on many shapes and dtypes.
+    the next of a few fixed sizes (powers of four from 4,096), scaled, cut and reshaped on the
+    host: one compiled draw serves every kernel of that size class in the process, across
+    models, and the suite's and a Ray node's persistent compilation cache keep them across
+    processes. The scale is computed as flax computes it (``prod(shape[:-1])`` is the fan-in for
+    the default axes), so no parameter, checkpoint or result changes;
+    ``tests/core/test_layers.py`` checks the values against flax's own initialisers on many
+    shapes and dtypes.
     """
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
         shape = tuple(int(d) for d in shape)
@@ -236,7 +236,8 @@ class Conv(nn.Module):
     The bias gradient is always the matrix product of ``add_bias``; the kernel's weight gradient
     is the matmul one of ``conv_same`` with ``kernel_grad="matmul"`` and XLA's own with
     ``"xla"``. Same parameter names, shapes and initialisers (their values, drawn quicker to
-    compile: ``fan_in_normal``) as ``nn.Conv``, so a parameter tree made by one loads into the other.
+    compile: ``fan_in_normal``) as ``nn.Conv``, so a parameter tree made by one loads into the
+    other.
     """
 
     features: int
